@@ -78,7 +78,8 @@ class DistilledVisionTransformer(VisionTransformer):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool not in (None, 'token'):
-            raise ValueError('The distilled model reads the class and distillation tokens; global_pool must be "token".')
+            raise ValueError('The distilled model reads the class and distillation tokens: '
+                             'global_pool must be "token".')
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.head_dist = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
