@@ -191,7 +191,11 @@ def _create_deit(name: str, pretrained: bool = False, distilled: bool = False, *
     # own official files instead (the original crashed on these kwargs with timm >= 0.9).
     for key in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir'):
         kwargs.pop(key, None)
-    model_args = dict(patch_size=16, mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    # --drop means what it meant for the original (timm 0.3's ViT): dropout after the position
+    # embedding, the attention projection and the MLP. timm >= 0.9 moved `drop_rate` to the head.
+    drop_rate = kwargs.pop('drop_rate', 0.0)
+    model_args = dict(patch_size=16, mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                      pos_drop_rate=drop_rate, proj_drop_rate=drop_rate)
     model_args.update(kwargs)
     model_cls = DistilledVisionTransformer if distilled else VisionTransformer
     model = model_cls(**model_args)
