@@ -1,0 +1,98 @@
+"""The distillation loss of DeiT (Touvron et al., 2020, section 4; equations 7.1 and 7.2 of the seed)."""
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DISTILLATION_TYPES = ('none', 'soft', 'hard')
+
+
+class DistillationLoss(nn.Module):
+    """A base criterion on the class head, plus distillation from a teacher on the distillation head.
+
+    ``none``: base loss only. ``soft``: (1 - alpha) * base + alpha * tau^2 * KL(teacher || student)
+    on temperature-softened distributions. ``hard``: (1 - alpha) * base + alpha * CE(dist_logits,
+    argmax of the teacher).
+
+    The teacher is kept in eval mode (also after ``criterion.train()``) and runs without gradients
+    on the inputs the student saw, i.e. after mixup / cutmix, inside the caller's autocast context.
+
+    Args:
+        base_criterion: loss on the class logits and the labels (e.g. SoftTargetCrossEntropy).
+        teacher_model: the teacher; may be None only with ``distillation_type='none'``.
+        distillation_type: 'none', 'soft' or 'hard'.
+        alpha: weight of the distillation term, in [0, 1].
+        tau: softmax temperature of soft distillation, > 0.
+    """
+
+    def __init__(self, base_criterion: nn.Module, teacher_model: Optional[nn.Module], distillation_type: str,
+                 alpha: float, tau: float) -> None:
+        super().__init__()
+        if distillation_type not in DISTILLATION_TYPES:
+            raise ValueError(f"Unknown distillation type '{distillation_type}'; "
+                             f"choose one of {', '.join(DISTILLATION_TYPES)} (--distillation-type).")
+        if distillation_type != 'none':
+            if teacher_model is None:
+                raise ValueError(f"--distillation-type {distillation_type} needs a teacher: give --teacher-model "
+                                 "and --teacher-path, or train without distillation (--distillation-type none).")
+            if not 0.0 <= alpha <= 1.0:
+                raise ValueError(f'--distillation-alpha must lie in [0, 1] (it weighs the distillation term '
+                                 f'against the label term), got {alpha}.')
+            if tau <= 0:
+                raise ValueError(f'--distillation-tau must be positive (it divides the logits), got {tau}.')
+            teacher_model.eval()
+        self.base_criterion = base_criterion
+        self.teacher_model = teacher_model
+        self.distillation_type = distillation_type
+        self.alpha = alpha
+        self.tau = tau
+
+    def train(self, mode: bool = True) -> 'DistillationLoss':
+        """Switch the base criterion only: the teacher always predicts in eval mode."""
+        super().train(mode)
+        if self.teacher_model is not None:
+            self.teacher_model.eval()
+        return self
+
+    def forward(self, inputs: torch.Tensor, outputs: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+                labels: torch.Tensor) -> torch.Tensor:
+        """Loss of one batch.
+
+        Args:
+            inputs: [B, 3, H, W], the batch the student saw (after mixup), fed to the teacher.
+            outputs: class logits [B, C], or (class logits, distillation logits), each [B, C].
+            labels: targets for the base criterion: [B] class indices or [B, C] (mixed) soft labels.
+        """
+        outputs_kd = None
+        if not isinstance(outputs, torch.Tensor):
+            outputs, outputs_kd = outputs
+        base_loss = self.base_criterion(outputs, labels)
+        if self.distillation_type == 'none':
+            return base_loss
+        if outputs_kd is None:
+            raise ValueError(f'--distillation-type {self.distillation_type} needs a model with a distillation head, '
+                             'but this one returns a single output: use a *_distilled_* model '
+                             '(e.g. deit_base_distilled_patch16_224) or --distillation-type none.')
+
+        with torch.no_grad():
+            teacher_outputs = self.teacher_model(inputs)
+
+        if self.distillation_type == 'soft':
+            tau = self.tau
+            # KL(softmax(z_t / tau) || softmax(z_s / tau)), summed over batch and classes, then divided
+            # by B * C (numel) rather than by B: this is the element-wise mean of PyTorch's legacy
+            # `reduction='mean'`, the scale with which the paper's alpha / tau were tuned; the textbook
+            # 'batchmean' would multiply the term by C and change what a given alpha means. The original
+            # keeps numel for this reason (facebookresearch/deit issue #61). Float32 so that bf16 / fp16
+            # autocast does not round the small per-element terms of the sum.
+            distillation_loss = F.kl_div(
+                F.log_softmax(outputs_kd.float() / tau, dim=1),
+                F.log_softmax(teacher_outputs.float() / tau, dim=1),
+                reduction='sum',
+                log_target=True,
+            ) * (tau * tau) / outputs_kd.numel()
+        else:
+            distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
+
+        return base_loss * (1 - self.alpha) + distillation_loss * self.alpha

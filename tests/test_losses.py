@@ -1,0 +1,168 @@
+"""DistillationLoss against a hand computation of the seed's equations 7.1 (soft) and 7.2 (hard)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from losses import DistillationLoss
+
+B, C, D = 6, 7, 5
+
+
+class RecordingTeacher(nn.Module):
+    """A linear teacher that records, at each call, its mode, its input and the autocast state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, C)
+        self.calls = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append({'training': self.training, 'input': x, 'grad': torch.is_grad_enabled()})
+        return self.fc(x)
+
+
+def softmax_by_hand(z: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(z - z.max(dim=1, keepdim=True).values)
+    return e / e.sum(dim=1, keepdim=True)
+
+
+def cross_entropy_by_hand(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    p = softmax_by_hand(logits.double())
+    return -torch.log(p[torch.arange(len(labels)), labels]).mean()
+
+
+def soft_by_hand(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """Equation 7.1's KL term: tau^2 * sum_ij p_t (log p_t - log p_s) / (B * C)."""
+    p_t = softmax_by_hand(teacher.double() / tau)
+    p_s = softmax_by_hand(student.double() / tau)
+    return tau ** 2 * (p_t * (p_t.log() - p_s.log())).sum() / student.numel()
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(B, D, generator=g)
+    cls_logits = 3 * torch.randn(B, C, generator=g)
+    dist_logits = 3 * torch.randn(B, C, generator=g)
+    labels = torch.randint(0, C, (B,), generator=g)
+    teacher = RecordingTeacher()
+    with torch.no_grad():
+        teacher.fc.weight.mul_(10)  # spread the teacher's logits so that tau matters
+    return inputs, cls_logits, dist_logits, labels, teacher
+
+
+@pytest.mark.parametrize('alpha', [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize('tau', [0.5, 1.0, 3.0])
+def test_soft_matches_equation_7_1(batch, alpha, tau):
+    inputs, cls_logits, dist_logits, labels, teacher = batch
+    criterion = DistillationLoss(nn.CrossEntropyLoss(), teacher, 'soft', alpha, tau)
+    loss = criterion(inputs, (cls_logits, dist_logits), labels)
+    teacher_logits = inputs.double() @ teacher.fc.weight.double().T + teacher.fc.bias.double()
+    expected = (1 - alpha) * cross_entropy_by_hand(cls_logits, labels) + alpha * soft_by_hand(
+        dist_logits, teacher_logits, tau)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+
+
+def test_soft_divides_by_batch_times_classes(batch):
+    """The KL sum is divided by B * C, not by B (which would make the term C times larger)."""
+    inputs, cls_logits, dist_logits, labels, teacher = batch
+    only_kl = DistillationLoss(nn.CrossEntropyLoss(), teacher, 'soft', alpha=1.0, tau=1.0)
+    loss = only_kl(inputs, (cls_logits, dist_logits), labels)
+    teacher_logits = teacher.fc(inputs).detach()
+    kl_sum = (softmax_by_hand(teacher_logits.double()) * (torch.log_softmax(teacher_logits.double(), 1)
+                                                           - torch.log_softmax(dist_logits.double(), 1))).sum()
+    assert loss.item() == pytest.approx(kl_sum.item() / (B * C), rel=1e-5)
+
+
+@pytest.mark.parametrize('alpha', [0.0, 0.5, 0.9])
+def test_hard_matches_equation_7_2(batch, alpha):
+    inputs, cls_logits, dist_logits, labels, teacher = batch
+    criterion = DistillationLoss(nn.CrossEntropyLoss(), teacher, 'hard', alpha, tau=1.0)
+    loss = criterion(inputs, (cls_logits, dist_logits), labels)
+    teacher_labels = (inputs @ teacher.fc.weight.T + teacher.fc.bias).argmax(dim=1)
+    expected = (1 - alpha) * cross_entropy_by_hand(cls_logits, labels) + alpha * cross_entropy_by_hand(
+        dist_logits, teacher_labels)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # tau plays no part in hard distillation
+    other_tau = DistillationLoss(nn.CrossEntropyLoss(), teacher, 'hard', alpha, tau=4.0)
+    assert other_tau(inputs, (cls_logits, dist_logits), labels).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_none_is_the_base_loss_on_class_logits_for_tensor_and_tuple(batch):
+    inputs, cls_logits, dist_logits, labels, _ = batch
+    criterion = DistillationLoss(nn.CrossEntropyLoss(), None, 'none', alpha=0.5, tau=1.0)
+    expected = cross_entropy_by_hand(cls_logits, labels).item()
+    assert criterion(inputs, cls_logits, labels).item() == pytest.approx(expected, rel=1e-5)
+    assert criterion(inputs, (cls_logits, dist_logits), labels).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_base_criterion_takes_soft_labels(batch):
+    """After mixup the labels are [B, C] distributions; they go to the base criterion unchanged."""
+    from timm.loss import SoftTargetCrossEntropy
+    inputs, cls_logits, dist_logits, _, teacher = batch
+    soft_labels = torch.softmax(torch.randn(B, C), dim=1)
+    criterion = DistillationLoss(SoftTargetCrossEntropy(), teacher, 'hard', alpha=0.25, tau=1.0)
+    loss = criterion(inputs, (cls_logits, dist_logits), soft_labels)
+    base = -(soft_labels.double() * torch.log_softmax(cls_logits.double(), 1)).sum(1).mean()
+    teacher_labels = teacher.fc(inputs).argmax(dim=1)
+    expected = 0.75 * base + 0.25 * cross_entropy_by_hand(dist_logits, teacher_labels)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['soft', 'hard'])
+def test_gradients_reach_student_never_teacher_and_teacher_stays_in_eval(batch, kind):
+    inputs, cls_logits, dist_logits, labels, teacher = batch
+    teacher.train()
+    criterion = DistillationLoss(nn.CrossEntropyLoss(), teacher, kind, alpha=0.5, tau=2.0)
+    criterion.train()  # as a training loop might; must not switch the teacher to training mode
+    assert not teacher.training
+    cls_logits.requires_grad_(True)
+    dist_logits.requires_grad_(True)
+    mixed_inputs = inputs.clone().requires_grad_(True)
+    criterion(mixed_inputs, (cls_logits, dist_logits), labels).backward()
+    assert cls_logits.grad is not None and cls_logits.grad.abs().sum() > 0
+    assert dist_logits.grad is not None and dist_logits.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert mixed_inputs.grad is None  # nothing flows back through the teacher to the inputs either
+    (call,) = teacher.calls
+    assert call['training'] is False and call['grad'] is False
+    assert call['input'] is mixed_inputs  # the very batch the student saw
+
+
+def test_teacher_runs_under_the_callers_autocast(batch):
+    inputs, cls_logits, dist_logits, labels, teacher = batch
+    seen = []
+    teacher.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    criterion = DistillationLoss(nn.CrossEntropyLoss(), teacher, 'soft', alpha=0.5, tau=1.0)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = criterion(inputs, (cls_logits.bfloat16(), dist_logits.bfloat16()), labels)
+    assert seen == [torch.bfloat16]
+    assert math.isfinite(loss.item())
+
+
+def test_unknown_type_is_a_value_error_listing_choices(batch):
+    with pytest.raises(ValueError, match=r"Unknown distillation type 'sofft'.*none, soft, hard"):
+        DistillationLoss(nn.CrossEntropyLoss(), batch[4], 'sofft', 0.5, 1.0)
+
+
+@pytest.mark.parametrize('kind', ['soft', 'hard'])
+def test_distillation_without_teacher_is_a_value_error(kind):
+    with pytest.raises(ValueError, match=r'needs a teacher.*--teacher-model.*--distillation-type none'):
+        DistillationLoss(nn.CrossEntropyLoss(), None, kind, 0.5, 1.0)
+
+
+@pytest.mark.parametrize('kind', ['soft', 'hard'])
+def test_model_without_distillation_head_is_a_value_error(batch, kind):
+    inputs, cls_logits, _, labels, teacher = batch
+    criterion = DistillationLoss(nn.CrossEntropyLoss(), teacher, kind, 0.5, 1.0)
+    with pytest.raises(ValueError, match=r'single output.*_distilled_.*--distillation-type none'):
+        criterion(inputs, cls_logits, labels)
+
+
+@pytest.mark.parametrize('alpha, tau, match', [(1.5, 1.0, 'alpha must lie in'), (-0.1, 1.0, 'alpha must lie in'),
+                                               (0.5, 0.0, 'tau must be positive')])
+def test_out_of_range_alpha_or_tau_is_a_value_error(batch, alpha, tau, match):
+    with pytest.raises(ValueError, match=match):
+        DistillationLoss(nn.CrossEntropyLoss(), batch[4], 'soft', alpha, tau)
