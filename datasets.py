@@ -9,11 +9,12 @@
 - ``INAT`` (2018) and ``INAT19``: the iNaturalist archives as published, ``train{year}.json``,
   ``val{year}.json`` and ``categories.json`` next to the image folder the JSON file names point into;
   ``--inat-category`` picks the label level (``name``, ``genus``, ..., ``kingdom``).
-- ``DIGITS``: built in and offline. scikit-learn's copy of the UCI handwritten digits, 1,797 real 8x8
-  scans of the digits 0-9 written by 13 people (16 grey levels), rendered as RGB PIL images so that the
-  usual transforms apply. The split is fixed and needs no random generator: in scikit-learn's order, the
-  k-th scan of each digit goes to val when k % 5 == 4, else to train, which gives 1,442 train and 355 val
-  images (``DIGITS_SIZES``), every digit in both in the same 4:1 proportion.
+- ``DIGITS``: built in and offline. scikit-learn's copy of the UCI handwritten digits: 1,797 real scans of
+  the digits 0-9, stored as 8x8 images of 17 levels (ink pixels per 4x4 block of the 32x32 scan),
+  rendered as RGB PIL images so that the usual transforms apply. The split is fixed and needs no random
+  generator: in scikit-learn's order, the k-th scan of each digit goes to val when k % 5 == 4, else to
+  train, which gives 1,442 train and 355 val images (``DIGITS_SIZES``), every digit in both in the same
+  4:1 proportion.
 
 Unreadable image files (``IMNET``, ``FOLDER``, ``INAT*``) raise ``CorruptImageError`` naming the file.
 With ``args.skip_corrupt`` such a file is skipped: the dataset returns the next readable sample instead
@@ -179,8 +180,8 @@ class CorruptImageError(OSError):
 def load_image(path: str) -> Image.Image:
     """Read an image file as RGB, or raise CorruptImageError naming it."""
     try:
-        with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
+        with Image.open(path) as img:
+            return img.convert('RGB')
     except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for missing, truncated or garbled files
         raise CorruptImageError(f'cannot read image {path} ({e}); replace or remove the file, '
                                 'or pass --skip-corrupt to skip unreadable images') from e
@@ -227,7 +228,7 @@ class ImageFileDataset(Dataset):
                 return self._load(i)
             except CorruptImageError as e:
                 self.corrupt[i] = True
-                warnings.warn(f'skipped: {e}', stacklevel=2)
+                warnings.warn(f'skipping unreadable image {self.samples[i][0]} ({e.__cause__})', stacklevel=1)
         raise CorruptImageError(f'no readable image among the {n} files of this dataset')
 
 
@@ -319,7 +320,7 @@ class INatDataset(ImageFileDataset):
 
 
 class DigitsDataset(Dataset):
-    """scikit-learn's UCI handwritten digits (8x8, 16 grey levels) as RGB PIL images; the module's split."""
+    """scikit-learn's UCI handwritten digits (8x8, levels 0..16) as RGB PIL images; the module's split."""
 
     def __init__(self, train: bool = True, transform: Optional[Callable] = None) -> None:
         from sklearn.datasets import load_digits  # only this dataset needs scikit-learn
