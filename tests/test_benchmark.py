@@ -1,0 +1,139 @@
+"""benchmark.py: FLOP counts against the paper and a hand count, the timm reference, and a full tiny run."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import benchmark
+import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(depth=2, embed_dim=48, num_heads=3, img_size=32)
+
+
+def vit_macs(depth: int, dim: int, img: int, classes: int = 1000, extra_tokens: int = 1, heads: int = 1,
+             patch: int = 16, mlp_ratio: int = 4) -> int:
+    """Multiply-adds per image of a ViT forward, by hand: patch projection, blocks, classifier heads."""
+    patches = (img // patch) ** 2
+    n = patches + extra_tokens
+    block = (n * dim * 3 * dim      # qkv projection
+             + 2 * n * n * dim      # q @ k^T and attention @ v, all heads together
+             + n * dim * dim        # output projection
+             + 2 * n * dim * mlp_ratio * dim)  # MLP fc1, fc2
+    return patches * 3 * patch * patch * dim + depth * block + heads * dim * classes
+
+
+@pytest.mark.parametrize('name, paper_gmac, dims', [
+    ('deit_tiny_patch16_224', 1.26, (12, 192)),
+    ('deit_base_patch16_224', 17.6, (12, 768)),
+])
+def test_flops_match_paper_and_hand_count_with_attention(name, paper_gmac, dims):
+    if name == 'deit_tiny_patch16_224':
+        model = models.build_model(name)  # a real CPU model: its attention runs the fused CPU kernel
+    else:
+        with torch.device('meta'):  # DeiT-B: no weights needed to count
+            model = models.build_model(name)
+    gmac = benchmark.count_flops(model, 224) / 2 / 1e9
+    assert gmac == pytest.approx(paper_gmac, rel=0.02)
+    assert gmac * 1e9 == pytest.approx(vit_macs(*dims, 224), rel=1e-9)
+
+
+def test_training_flops_are_forward_plus_twice_forward_for_backward():
+    model = models.build_model('deit_tiny_patch16_224', **TINY)
+    forward = vit_macs(2, 48, 32)
+    patch_projection = 4 * 3 * 16 * 16 * 48  # its backward needs no gradient for the input images
+    assert benchmark.count_flops(model, 32, train=True) / 2 == 3 * forward - patch_projection
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'deit_tiny_distilled_patch16_224'])
+def test_timm_reference_computes_the_same_function(name):
+    torch.manual_seed(0)
+    ours = models.build_model(name, drop_path_rate=0.1, **TINY)
+    reference = benchmark.timm_reference(ours, drop_path_rate=0.1)
+    assert type(reference).__module__.startswith('timm.models')
+    rates = [[getattr(b.drop_path1, 'drop_prob', 0.0) for b in m.blocks] for m in (ours, reference)]
+    assert rates[0] == rates[1] and rates[0][-1] == pytest.approx(0.1)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), reference.eval()(x), rtol=0, atol=1e-6)
+        ours.train(), reference.train()
+        torch.manual_seed(1)
+        out = ours(x)
+        torch.manual_seed(1)
+        ref = reference(x)  # same drop-path draws: same training output, a pair of logits when distilled
+    assert type(out) is type(ref)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_interleaved_timing_measures_known_durations():
+    timings = benchmark.time_interleaved({'short': lambda: time.sleep(0.02), 'long': lambda: time.sleep(0.04)},
+                                         torch.device('cpu'), warmup=1, repeats=3, min_time=0.1)
+    assert 0.02 <= timings['short']['seconds'] < 0.03
+    assert 0.04 <= timings['long']['seconds'] < 0.05
+    assert len(timings['short']['repeats']) == 3 and timings['short']['iters_per_repeat'] >= 3
+
+
+def test_user_errors_are_clear():
+    parser = benchmark.get_args_parser()
+    args = parser.parse_args(['--model', 'deit_tiny_patch16_224', '--teacher-model', 'resnet10t', '--input-size',
+                              '32', '--model-kwargs', 'depth=2', 'embed_dim=48', 'num_heads=3', '--device', 'cpu'])
+    with pytest.raises(ValueError, match='distilled student'):
+        benchmark.Benchmark(args)
+    with pytest.raises(ValueError, match='KEY=VALUE'):
+        benchmark.parse_model_kwargs(['depth'])
+
+
+def test_tiny_run_writes_every_figure(tmp_path):
+    """The command a user runs, on a 2-block model: every part measured, ours and timm's the same function."""
+    out = tmp_path / 'bench.json'
+    cmd = [sys.executable, os.path.join(ROOT, 'benchmark.py'), '--model', 'deit_tiny_distilled_patch16_224',
+           '--model-kwargs', 'depth=2', 'embed_dim=48', 'num_heads=3', '--input-size', '32',
+           '--teacher-model', 'resnet10t', '--device', 'cpu', '--threads', '1', '--batch-size', '4',
+           '--repeats', '2', '--warmup', '1', '--min-time', '0.02', '--workers', '2', '--data-images', '6',
+           '--json', str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+
+    machine = r['machine']
+    assert machine['torch'] == torch.__version__ and machine['cpu'] and machine['torch_threads'] == 1
+    assert 'gpu' in machine and 'timm' in machine
+    assert r['command'].startswith('benchmark.py --model deit_tiny_distilled_patch16_224')
+    assert r['outputs']['max_abs_diff'] <= 1e-5
+    assert r['matmul_peak']['tflops'] > 0
+
+    flops = r['flops']
+    # distilled: two extra tokens and two classifier heads
+    assert flops['inference_gmac'] * 1e9 == pytest.approx(vit_macs(2, 48, 32, extra_tokens=2, heads=2), rel=1e-9)
+    assert flops['timm_inference_gflops'] == flops['ours_inference_gflops']
+    assert flops['ours_train_teacher_gflops'] > flops['ours_train_gflops'] > 2 * flops['ours_inference_gflops']
+
+    for part in ('inference', 'train', 'train_teacher'):
+        p = r[part]
+        assert p['batch_size'] == 4 and p['precision'] == 'fp32'
+        for impl in ('ours', 'timm'):
+            assert p[impl]['img_s'] == pytest.approx(4 / p[impl]['seconds'])
+            assert len(p[impl]['repeats']) == 2
+            assert 0 < p[impl]['mfu'] == pytest.approx(p[impl]['tflops'] / r['matmul_peak']['tflops'])
+        assert p['ratio_ours_timm'] == pytest.approx(p['ours']['img_s'] / p['timm']['img_s'])
+        assert set(p['peak_memory_gib']) == {'ours', 'timm'}  # None on CPU
+    assert r['train_teacher']['teacher'] == 'resnet10t'
+
+    options = r['options']
+    assert options['fused_adamw']['speedup'] > 0 and options['teacher_channels_last']['speedup'] > 0
+    assert 'skipped' in options['compile_train'] and 'skipped' in options['compile_inference']
+
+    data = r['data']
+    assert data['files'] == 6 and data['workers'] == 2 and data['batch_size'] == 4
+    assert 30 < data['mean_file_kb'] < 300  # ImageNet-like JPEGs, not tiny flat ones
+    assert 'RandAugment' in data['transform'] and 'RandomErasing' in data['transform']
+    assert data['one_process_img_s'] > 0 and data['loader_img_s'] > 0
+    assert data['loader_img_s_per_worker'] == pytest.approx(data['loader_img_s'] / 2)
+    assert set(data['persistent_workers']['epoch_start_s']) == {'persistent', 'restarted'}
+    assert 'skipped' in data['pin_memory']
+
+    assert 'ours/timm' in proc.stdout and 'DataLoader with 2 workers' in proc.stdout
