@@ -1,8 +1,16 @@
 """Distributed setup, metric logging and checkpoint I/O: what every other file shares."""
+import argparse
+import builtins
 import datetime
+import os
+import pickle
+import re
+import tempfile
 import time
+import urllib.error
+import warnings
 from collections import defaultdict, deque
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,6 +33,74 @@ def get_rank() -> int:
 
 def is_main_process() -> bool:
     return get_rank() == 0
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silence ``print`` and warnings on every process but the master; ``print(..., force=True)`` still prints."""
+    builtin_print = builtins.print
+
+    def print(*args: Any, **kwargs: Any) -> None:
+        force = kwargs.pop('force', False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+    if not is_master:
+        warnings.filterwarnings('ignore')
+
+
+def _launcher_env() -> Optional[Tuple[int, int, int]]:
+    """(rank, world size, local rank) from torchrun / torch.distributed.launch --use_env, else Slurm, else None."""
+    env = os.environ
+    if 'RANK' in env and 'WORLD_SIZE' in env:
+        return int(env['RANK']), int(env['WORLD_SIZE']), int(env.get('LOCAL_RANK', 0))
+    # A single Slurm task (srun / sbatch running `python main.py`) is a plain single-process run.
+    if 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', 1)) > 1:
+        return int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']), int(env.get('SLURM_LOCALID', 0))
+    return None
+
+
+def init_distributed_mode(args: Any) -> None:
+    """Join the process group that the launcher set up, or mark the run as single-process.
+
+    Reads RANK / WORLD_SIZE / LOCAL_RANK (torchrun, ``torch.distributed.launch --use_env``) or
+    SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (srun, submitit; then MASTER_ADDR and MASTER_PORT
+    must be set by the launcher for the ``env://`` rendezvous, or ``--dist_url`` must name another
+    one). Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu`` (the local
+    rank) and ``args.dist_backend``: NCCL for CUDA, gloo for CPU.
+
+    Raises:
+        ValueError: on a launch that cannot work (``--world_size`` without a launcher or
+            disagreeing with it, a missing rendezvous address, more processes than GPUs).
+    """
+    launch = _launcher_env()
+    if launch is None:
+        if args.world_size != 1:
+            raise ValueError(f'--world_size {args.world_size} needs a launcher that starts the processes: '
+                             f'torchrun --nproc_per_node={args.world_size} main.py ... (or Slurm).')
+        args.distributed, args.rank, args.gpu = False, 0, 0
+        print('Not using distributed mode')
+        return
+    rank, world_size, local_rank = launch
+    if args.world_size not in (1, world_size):
+        raise ValueError(f'--world_size {args.world_size} disagrees with the launcher, which started {world_size} '
+                         'processes; drop --world_size (the launcher sets it).')
+    if args.dist_url == 'env://' and not ('MASTER_ADDR' in os.environ and 'MASTER_PORT' in os.environ):
+        raise ValueError('distributed launch without MASTER_ADDR / MASTER_PORT: use torchrun, or export them '
+                         '(e.g. the first node of the Slurm job and a free port), or pass --dist_url tcp://HOST:PORT.')
+    args.distributed, args.rank, args.world_size, args.gpu = True, rank, world_size, local_rank
+    if torch.device(args.device).type == 'cuda':
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f'local rank {local_rank} but only {torch.cuda.device_count()} GPU(s) on this node: '
+                             'start at most one process per GPU.')
+        torch.cuda.set_device(local_rank)
+        args.dist_backend = 'nccl'
+    else:
+        args.dist_backend = 'gloo'
+    print(f'| distributed init (rank {rank} of {world_size}, {args.dist_backend}): {args.dist_url}', flush=True)
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url, world_size=world_size, rank=rank)
+    dist.barrier()
+    setup_for_distributed(rank == 0)
 
 
 # ============ metric logging ============
@@ -147,3 +223,63 @@ class MetricLogger:
 
 
 # ============ checkpoint I/O ============
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: missing, truncated, corrupt, or holding more than tensors and plain values."""
+
+
+def save_on_master(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` on the master process only, atomically.
+
+    The file is written next to ``path`` under a temporary name, flushed to disk and renamed over
+    ``path``, so a kill during the write leaves the previous checkpoint intact (the original
+    overwrote its only resume point in place).
+    """
+    if not is_main_process():
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def load_checkpoint(path_or_url: str) -> Dict[str, Any]:
+    """Load a checkpoint on the CPU from a file or an https URL, with ``weights_only=True``.
+
+    URLs go through torch.hub's cache (``$TORCH_HOME/hub/checkpoints``): a file already there is
+    used without network. Checkpoints of the original code, which pickled ``argparse.Namespace`` as
+    their ``args``, load too (that class only holds attributes); anything else that is not tensors or
+    plain values is refused.
+
+    Raises:
+        CheckpointError: one line saying what is wrong with the file.
+    """
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            if path_or_url.startswith(('https://', 'http://')):
+                return torch.hub.load_state_dict_from_url(path_or_url, map_location='cpu', check_hash=True,
+                                                          weights_only=True)
+            return torch.load(path_or_url, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f'checkpoint {path_or_url}: no such file') from None
+    except urllib.error.URLError as e:
+        raise CheckpointError(f'cannot download {path_or_url} ({e.reason}); without network, put the file in '
+                              f'{torch.hub.get_dir()}/checkpoints/ under its name') from None
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph; its 'Unsupported global: GLOBAL x.y' part names the culprit.
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        what = found[1] if found else 'objects'
+        raise CheckpointError(f'checkpoint {path_or_url} holds {what}, not only tensors and plain values, '
+                              'and is refused (loaded with weights_only=True)') from None
+    except Exception as e:  # a truncated or foreign file can fail anywhere in the unpickler
+        reason = str(e).strip().split('. ')[0]
+        raise CheckpointError(f'checkpoint {path_or_url} is truncated or not a torch checkpoint '
+                              f'({type(e).__name__}: {reason})') from None

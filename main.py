@@ -1,0 +1,601 @@
+"""DeiT training and evaluation: train (optionally with a teacher), --eval, --finetune, --resume.
+
+    python main.py --eval --resume https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth \
+        --data-path /path/to/imagenet
+    torchrun --nproc_per_node=4 main.py --model deit_small_patch16_224 --batch-size 256 \
+        --data-path /path/to/imagenet --output_dir /path/to/save
+
+See README.md for every flow; ``python main.py --help`` lists the flags with their defaults.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import get_pretrained_cfg
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+import models
+import utils
+from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset
+from engine import NonFiniteLossError, evaluate, train_one_epoch
+from losses import DISTILLATION_TYPES, DistillationLoss
+from samplers import RASampler
+
+# Schedulers whose length timm extends by --cooldown-epochs (the others have no end to cool down after).
+CYCLIC_SCHEDULERS = ('cosine', 'tanh', 'poly')
+SCHEDULERS = CYCLIC_SCHEDULERS + ('step', 'constant', 'plateau')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The flags of the original DeiT main.py (same spelling, type and default) and this codebase's additions.
+
+    Built with add_help=False so that run_with_submitit.py can extend it through ``parents=[...]``.
+    """
+    parser = argparse.ArgumentParser('DeiT training and evaluation script', add_help=False)
+
+    group = parser.add_argument_group('Batch and epochs')
+    group.add_argument('--batch-size', default=64, type=int,
+                       help='batch size per process (default: %(default)s); the learning rate scales with the '
+                            'total batch, see --lr')
+    group.add_argument('--epochs', default=300, type=int, help='number of training epochs (default: %(default)s)')
+    group.add_argument('--bce-loss', action='store_true',
+                       help='binary cross-entropy on the (mixed) one-hot targets instead of cross-entropy, '
+                            'as DeiT III (default: off)')
+    group.add_argument('--unscale-lr', action='store_true',
+                       help='use --lr as given instead of scaling it by total batch / 512 (default: off)')
+
+    group = parser.add_argument_group('Model')
+    group.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL',
+                       help='model to train: one of the eight DeiT models or any timm model (default: %(default)s)')
+    group.add_argument('--input-size', default=224, type=int, help='image side fed to the model (default: %(default)s)')
+    group.add_argument('--nb-classes', default=None, type=int,
+                       help='number of classes of the classifier (default: the number of classes of the dataset)')
+    group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate (default: %(default)s)')
+    group.add_argument('--drop-path', type=float, default=0.1, metavar='PCT',
+                       help='stochastic depth (drop path) rate (default: %(default)s)')
+    group.add_argument('--model-ema', action='store_true',
+                       help='keep an exponential moving average of the weights, evaluated every epoch (default: on)')
+    group.add_argument('--no-model-ema', action='store_false', dest='model_ema', help='no weight EMA')
+    parser.set_defaults(model_ema=True)
+    group.add_argument('--model-ema-decay', type=float, default=0.99996,
+                       help='EMA decay per optimizer step (default: %(default)s)')
+    group.add_argument('--model-ema-force-cpu', action='store_true',
+                       help='keep the EMA on the CPU to save GPU memory; it is then not evaluated during training '
+                            '(default: off)')
+    group.add_argument('--eval-head', default='avg', choices=models.EVAL_HEADS,
+                       help='what a distilled model is evaluated with: the average of both heads, the class head or '
+                            'the distillation head, as compared in the paper\'s Table 5 (default: %(default)s)')
+
+    group = parser.add_argument_group('Optimizer')
+    group.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER',
+                       help='optimizer, any of timm.optim.list_optimizers() (default: %(default)s)')
+    group.add_argument('--opt-eps', default=1e-8, type=float, metavar='EPSILON',
+                       help='optimizer epsilon (default: %(default)s)')
+    group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA',
+                       help='optimizer betas (default: the optimizer\'s own)')
+    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM',
+                       help='clip the gradient norm to this value (default: no clipping); 1.0 can help when the '
+                            'loss spikes')
+    group.add_argument('--momentum', type=float, default=0.9, metavar='M',
+                       help='momentum of SGD-like optimizers (default: %(default)s)')
+    group.add_argument('--weight-decay', type=float, default=0.05, help='weight decay (default: %(default)s)')
+
+    group = parser.add_argument_group('Learning rate schedule')
+    group.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER', choices=SCHEDULERS,
+                       help=f'learning rate schedule, one of {", ".join(SCHEDULERS)} (default: %(default)s)')
+    group.add_argument('--lr', type=float, default=5e-4, metavar='LR',
+                       help='base learning rate for a total batch of 512; the optimizer gets lr * batch-size * '
+                            'processes / 512 unless --unscale-lr (default: %(default)s)')
+    group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
+                       help='learning rate noise on/off epoch fractions (default: no noise)')
+    group.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT',
+                       help='learning rate noise limit percent (default: %(default)s)')
+    group.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV',
+                       help='learning rate noise std-dev (default: %(default)s)')
+    group.add_argument('--warmup-lr', type=float, default=1e-6, metavar='LR',
+                       help='learning rate at the start of the warmup (default: %(default)s)')
+    group.add_argument('--min-lr', type=float, default=1e-5, metavar='LR',
+                       help='lower bound of the learning rate for schedules that decay to it (default: %(default)s)')
+    group.add_argument('--decay-epochs', type=float, default=30, metavar='N',
+                       help='epochs between decays of the step schedule (default: %(default)s)')
+    group.add_argument('--warmup-epochs', type=int, default=5, metavar='N',
+                       help='epochs of linear warmup (default: %(default)s)')
+    group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N',
+                       help='epochs at --min-lr added after the cosine / tanh / poly schedule ends (default: '
+                            '%(default)s; the original parsed 10 but never trained them, so 0 keeps its schedule)')
+    group.add_argument('--patience-epochs', type=int, default=10, metavar='N',
+                       help='epochs without improvement before the plateau schedule decays (default: %(default)s)')
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE',
+                       help='learning rate decay factor of the step and plateau schedules (default: %(default)s)')
+
+    group = parser.add_argument_group('Augmentation')
+    group.add_argument('--color-jitter', type=float, default=0.3, metavar='PCT',
+                       help='color jitter factor, unused while RandAugment is on (default: %(default)s)')
+    group.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                       help='RandAugment / AutoAugment policy, "none" to disable (default: %(default)s)')
+    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: %(default)s)')
+    group.add_argument('--train-interpolation', type=str, default='bicubic',
+                       help='training interpolation: random, bilinear or bicubic (default: %(default)s)')
+    group.add_argument('--repeated-aug', action='store_true', default=None,
+                       help='repeated augmentation, each image 3 times per epoch on different processes (default: '
+                            'on when distributed, as the original; give it to use it in a single process too)')
+    group.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug', help='no repeated augmentation')
+    group.add_argument('--train-mode', action='store_true',
+                       help='train with the model in training mode (dropout, drop path on) (default: on)')
+    group.add_argument('--no-train-mode', action='store_false', dest='train_mode',
+                       help='train with the model in eval mode')
+    parser.set_defaults(train_mode=True)
+    group.add_argument('--ThreeAugment', '--three-augment', action='store_true',
+                       help='DeiT III\'s 3-Augment instead of RandAugment and random erasing (default: off)')
+    group.add_argument('--src', action='store_true',
+                       help='simple random crop (resize, padded random crop) instead of RandomResizedCrop '
+                            '(default: off)')
+    group.add_argument('--reprob', type=float, default=0.25, metavar='PCT',
+                       help='random erasing probability (default: %(default)s)')
+    group.add_argument('--remode', type=str, default='pixel', help='random erasing mode (default: %(default)s)')
+    group.add_argument('--recount', type=int, default=1, help='random erasing count (default: %(default)s)')
+    group.add_argument('--resplit', action='store_true',
+                       help='not supported: it spares the clean split of AugMix augmentation splits from random '
+                            'erasing, and DeiT uses no augmentation splits (the original ignored it)')
+
+    group = parser.add_argument_group('Mixup and CutMix')
+    group.add_argument('--mixup', type=float, default=0.8,
+                       help='mixup alpha, mixup enabled if > 0 (default: %(default)s)')
+    group.add_argument('--cutmix', type=float, default=1.0,
+                       help='cutmix alpha, cutmix enabled if > 0 (default: %(default)s)')
+    group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
+                       help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
+    group.add_argument('--mixup-prob', type=float, default=1.0,
+                       help='probability of mixup or cutmix per batch (default: %(default)s)')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5,
+                       help='probability of cutmix instead of mixup when both are on (default: %(default)s)')
+    group.add_argument('--mixup-mode', type=str, default='batch', choices=('batch', 'pair', 'elem'),
+                       help='mix per batch, pair or element (default: %(default)s)')
+
+    group = parser.add_argument_group('Distillation')
+    group.add_argument('--teacher-model', default='regnety_160', type=str, metavar='MODEL',
+                       help='teacher: any timm model or a model of this codebase (default: %(default)s)')
+    group.add_argument('--teacher-path', type=str, default='',
+                       help='teacher weights: a file or https URL, official format ({"model": ...}) or a '
+                            'checkpoint.pth of this codebase (default: none)')
+    group.add_argument('--distillation-type', default='none', choices=DISTILLATION_TYPES, type=str,
+                       help='distillation through the distillation token (default: %(default)s)')
+    group.add_argument('--distillation-alpha', default=0.5, type=float,
+                       help='weight of the distillation term (default: %(default)s)')
+    group.add_argument('--distillation-tau', default=1.0, type=float,
+                       help='temperature of soft distillation (default: %(default)s)')
+
+    group = parser.add_argument_group('Finetuning')
+    group.add_argument('--finetune', default='',
+                       help='initialise from this checkpoint (file or https URL): heads of another shape are '
+                            'dropped, the position embedding is resized to --input-size (default: none)')
+    group.add_argument('--attn-only', action='store_true',
+                       help='train only the attention layers, embeddings, extra tokens and heads (default: off)')
+
+    group = parser.add_argument_group('Data and run')
+    group.add_argument('--data-path', default='/datasets01/imagenet_full_size/061417/', type=str,
+                       help='dataset folder (default: %(default)s, the original\'s)')
+    group.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str,
+                       help='dataset; DIGITS is built in and needs no download (default: %(default)s)')
+    group.add_argument('--inat-category', default='name', choices=INAT_CATEGORIES, type=str,
+                       help='iNaturalist label level (default: %(default)s)')
+    group.add_argument('--skip-corrupt', action='store_true',
+                       help='skip unreadable image files instead of stopping (default: off)')
+    group.add_argument('--output_dir', '--output-dir', default='',
+                       help='where to write checkpoints and logs; a checkpoint.pth found there is resumed '
+                            '(default: no output)')
+    group.add_argument('--seed', default=0, type=int, help='random seed (default: %(default)s)')
+    group.add_argument('--resume', default='',
+                       help='checkpoint (file or https URL) to resume training from, or to evaluate with --eval '
+                            '(default: none)')
+    group.add_argument('--start_epoch', '--start-epoch', default=0, type=int, metavar='N',
+                       help='first epoch, when not resuming (default: %(default)s)')
+    group.add_argument('--eval', action='store_true', help='evaluate only (default: off)')
+    group.add_argument('--eval-crop-ratio', default=0.875, type=float,
+                       help='center-crop ratio of evaluation (default: %(default)s)')
+    group.add_argument('--dist-eval', action='store_true',
+                       help='split the evaluation over the processes instead of evaluating on each (default: off)')
+
+    group = parser.add_argument_group('Hardware and speed')
+    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                       help='device to use, cuda or cpu (default: cuda when a GPU is present, else cpu; '
+                            'here %(default)s)')
+    group.add_argument('--precision', default='auto', choices=('auto', 'fp16', 'bf16', 'off'),
+                       help='mixed precision: auto is fp16 on CUDA (the original\'s) and off (float32) on the CPU '
+                            '(default: %(default)s)')
+    group.add_argument('--compile', action='store_true', help='torch.compile the model (default: off)')
+    group.add_argument('--channels-last', action='store_true',
+                       help='keep the (convnet) teacher in channels_last memory format (default: off)')
+    group.add_argument('--fused', action=argparse.BooleanOptionalAction, default=None,
+                       help='fused Adam / AdamW kernel (default: on with CUDA and --opt adam / adamw)')
+    group.add_argument('--num_workers', '--num-workers', default=10, type=int,
+                       help='data loading processes per training process (default: %(default)s)')
+    group.add_argument('--pin-mem', action='store_true',
+                       help='pin CPU memory in the data loader for faster transfer to the GPU (default: on; '
+                            'used only with a GPU)')
+    group.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin memory')
+    parser.set_defaults(pin_mem=True)
+    group.add_argument('--persistent-workers', action='store_true',
+                       help='keep the data loading processes between epochs (default: off)')
+
+    group = parser.add_argument_group('Distributed')
+    group.add_argument('--world_size', '--world-size', default=1, type=int,
+                       help='number of processes; set by the launcher (torchrun, Slurm) (default: %(default)s)')
+    group.add_argument('--dist_url', '--dist-url', default='env://',
+                       help='rendezvous of the process group (default: %(default)s)')
+    return parser
+
+
+# ============ helpers ============
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse combinations of flags that cannot work, with a message that says what to do."""
+    if args.batch_size < 1 or args.epochs < 1:
+        raise ValueError('--batch-size and --epochs must be positive')
+    if args.resplit:
+        raise ValueError('--resplit applies to AugMix augmentation splits, which DeiT does not use; drop the flag')
+    if args.cooldown_epochs and args.sched not in CYCLIC_SCHEDULERS:
+        raise ValueError(f'--cooldown-epochs extends the {", ".join(CYCLIC_SCHEDULERS)} schedules, not --sched '
+                         f'{args.sched}')
+    if args.persistent_workers and args.num_workers == 0:
+        raise ValueError('--persistent-workers keeps data loading processes, and --num_workers 0 starts none')
+    if args.fused and args.opt.lower() not in ('adam', 'adamw'):
+        raise ValueError(f'--fused is a kernel of torch\'s Adam / AdamW, not of --opt {args.opt}')
+    if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda, but no GPU is visible: use --device cpu')
+    if not args.eval:
+        if args.distillation_type != 'none' and not args.teacher_path:
+            raise ValueError(f'--distillation-type {args.distillation_type} needs --teacher-path: the weights of '
+                             f'--teacher-model {args.teacher_model} trained on this dataset (file or https URL)')
+        if mixup_active(args) and args.batch_size % 2:
+            raise ValueError(f'mixup / cutmix pair up the images of a batch: use an even --batch-size '
+                             f'(got {args.batch_size}), or --mixup 0 --cutmix 0')
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def git_revision() -> str:
+    """The checkout's commit, marked when files differ from it; 'unknown' outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(['git', *cmd], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        sha = git('rev-parse', 'HEAD')
+        return sha + (' (with uncommitted changes)' if git('status', '--porcelain', '--untracked-files=no') else '')
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
+def seed_everything(*seeds: int) -> None:
+    """Seed torch, numpy and random from a tuple such as (seed, rank, epoch), each tuple its own stream."""
+    seed = int(np.random.SeedSequence(list(seeds)).generate_state(1)[0])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def amp_dtype_of(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """--precision as an autocast dtype; None is full precision. auto: fp16 on CUDA, as the original."""
+    if precision == 'auto':
+        precision = 'fp16' if device.type == 'cuda' else 'off'
+    return {'fp16': torch.float16, 'bf16': torch.bfloat16, 'off': None}[precision]
+
+
+def scaled_lr(args: argparse.Namespace) -> float:
+    """The learning rate the optimizer gets: --lr for a total batch of 512, scaled linearly (Goyal et al.)."""
+    if args.unscale_lr:
+        return args.lr
+    return args.lr * args.batch_size * utils.get_world_size() / 512.0
+
+
+def build_data(args: argparse.Namespace, device: torch.device
+               ) -> Tuple[Optional[Dataset], Dataset, Optional[DataLoader], DataLoader, int]:
+    """Datasets and loaders (no training set with --eval) and the number of classes of the classifier."""
+    dataset_val, nb_classes = build_dataset(is_train=False, args=args)
+    dataset_train = None if args.eval else build_dataset(is_train=True, args=args)[0]
+    if args.nb_classes is not None and args.nb_classes < nb_classes:
+        raise ValueError(f'--nb-classes {args.nb_classes} is below the {nb_classes} classes of --data-set '
+                         f'{args.data_set}')
+    nb_classes = args.nb_classes or nb_classes
+
+    world_size, rank = utils.get_world_size(), utils.get_rank()
+    if args.distributed and args.dist_eval:
+        if len(dataset_val) % world_size:
+            print(f'Note: the {len(dataset_val)} evaluation images do not split evenly over {world_size} processes; '
+                  'the padding images of the sampler are not counted.')
+        sampler_val = DistributedSampler(dataset_val, num_replicas=world_size, rank=rank, shuffle=False)
+    else:
+        sampler_val = SequentialSampler(dataset_val)
+    loader_kwargs = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
+                         persistent_workers=args.persistent_workers)
+    loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
+                            drop_last=False, **loader_kwargs)
+    if dataset_train is None:
+        return None, dataset_val, None, loader_val, nb_classes
+
+    repeated_aug = args.distributed if args.repeated_aug is None else args.repeated_aug
+    if repeated_aug:
+        sampler_train = RASampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    elif args.distributed:
+        sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
+                                           seed=args.seed)
+    else:
+        sampler_train = RandomSampler(dataset_train)  # draws from torch's generator, which each epoch re-seeds
+    loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size, drop_last=True,
+                              **loader_kwargs)
+    return dataset_train, dataset_val, loader_train, loader_val, nb_classes
+
+
+def create_model(name: str, input_size: int, **kwargs: Any) -> nn.Module:
+    """models.build_model, at ``input_size`` for models built for one input size (ViTs); convnets take any."""
+    cfg = get_pretrained_cfg(name)
+    if name in models.DEIT_MODELS or (cfg is not None and cfg.fixed_input_size):
+        kwargs['img_size'] = input_size
+    return models.build_model(name, **kwargs)
+
+
+def weights_of(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The model weights of an official file ({'model': ...}), a checkpoint of this codebase, or a bare state_dict."""
+    return checkpoint['model'] if 'model' in checkpoint else checkpoint
+
+
+def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str, strict: bool = True) -> Any:
+    """model.load_state_dict, with its error (missing keys, shape mismatches) as one line naming ``source``."""
+    try:
+        return model.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as e:
+        problems = [line.strip()[:200] for line in str(e).splitlines()[1:] if line.strip()]
+        raise ValueError(f'{source} does not fit {type(model).__name__} ({"; ".join(problems[:3])}): '
+                         'check --model, --input-size and --nb-classes') from None
+
+
+def load_finetune(model: nn.Module, path: str) -> None:
+    """Initialise ``model`` from a checkpoint for finetuning.
+
+    Classifier heads whose shape differs (another number of classes) are dropped, the patch part of
+    ``pos_embed`` is resized to the model's grid (models.interpolate_pos_embed), and the keys left
+    missing or unexpected are printed.
+    """
+    state_dict = dict(weights_of(utils.load_checkpoint(path)))
+    own = model.state_dict()
+    classifier = model.pretrained_cfg.get('classifier', 'head')
+    prefixes = tuple(f'{c}.' for c in ((classifier,) if isinstance(classifier, str) else classifier))
+    for key in list(state_dict):
+        if key.startswith(prefixes) and key in own and state_dict[key].shape != own[key].shape:
+            print(f'Removing key {key} from pretrained checkpoint (shape {tuple(state_dict[key].shape)}, '
+                  f'the model has {tuple(own[key].shape)})')
+            del state_dict[key]
+    models.interpolate_pos_embed(model, state_dict)
+    result = load_weights(model, state_dict, f'--finetune {path}', strict=False)
+    print(f'Finetuning from {path}: missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}')
+
+
+def train_attention_only(model: nn.Module, name: str) -> None:
+    """--attn-only: freeze all but attention, position embedding, patch embedding, extra tokens and heads."""
+    if not any('.attn.' in n for n, _ in model.named_parameters()):
+        raise ValueError(f'--attn-only trains the attention layers, and --model {name} has none')
+    kept = ('pos_embed', 'cls_token', 'dist_token', 'patch_embed.', 'head.', 'head_dist.')
+    for n, p in model.named_parameters():
+        p.requires_grad = '.attn.' in n or n.startswith(kept)
+
+
+def build_teacher(args: argparse.Namespace, nb_classes: int, device: torch.device) -> nn.Module:
+    """--teacher-model with the weights of --teacher-path, in eval mode on ``device``."""
+    teacher = create_model(args.teacher_model, args.input_size, num_classes=nb_classes)
+    load_weights(teacher, weights_of(utils.load_checkpoint(args.teacher_path)), f'--teacher-path {args.teacher_path}')
+    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    return teacher.to(device, memory_format=memory_format).eval()
+
+
+def base_criterion(args: argparse.Namespace) -> nn.Module:
+    """The original's choice: soft-target CE under mixup / cutmix, label smoothing, plain CE, or BCE."""
+    if args.bce_loss:
+        # timm's BCE one-hot encodes class indices itself (the original's BCEWithLogitsLoss only worked
+        # with mixup on); mixed targets arrive smoothed already, so it adds no smoothing to them.
+        return BinaryCrossEntropy(smoothing=0.0 if mixup_active(args) else args.smoothing)
+    if mixup_active(args):
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def restore(path: str, model: nn.Module, model_ema: Optional[ModelEmaV3], **training_state: Any) -> Dict[str, Any]:
+    """Load weights from ``path``, and the training state too when the checkpoint holds one.
+
+    Args:
+        model: receives checkpoint['model'] (strict).
+        model_ema: receives checkpoint['model_ema'], else a copy of the loaded weights.
+        training_state: objects with load_state_dict, by checkpoint key (optimizer, lr_scheduler, scaler);
+            loaded only when the checkpoint is one of a training run (official files hold weights only).
+
+    Returns:
+        {'ema_loaded': bool} plus, after a training checkpoint, 'start_epoch' and 'max_accuracy'.
+    """
+    checkpoint = utils.load_checkpoint(path)
+    load_weights(model, weights_of(checkpoint), f'--resume {path}')
+    result: Dict[str, Any] = {'ema_loaded': 'model_ema' in checkpoint}
+    if model_ema is not None:
+        if 'model_ema' in checkpoint:
+            load_weights(model_ema.module, checkpoint['model_ema'], f'--resume {path} (model_ema)')
+        else:
+            model_ema.set(model)
+    if training_state and all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch')):
+        for key, obj in training_state.items():
+            if key in checkpoint:
+                obj.load_state_dict(checkpoint[key])
+        result['start_epoch'] = checkpoint['epoch'] + 1
+        result['max_accuracy'] = checkpoint.get('max_accuracy', -math.inf)
+        print(f'Resumed from {path}: epoch {checkpoint["epoch"]} done, continuing at epoch {result["start_epoch"]}')
+    return result
+
+
+def evaluate_all(args: argparse.Namespace, loader: DataLoader, model: nn.Module, model_ema: Optional[ModelEmaV3],
+                 device: torch.device, amp_dtype: Optional[torch.dtype]) -> Dict[str, float]:
+    """Evaluate the model and, when given, its EMA; print the original's accuracy lines; return 'test_*' stats."""
+    num_images = len(loader.dataset)
+    stats = evaluate(loader, model, device, amp_dtype, head=args.eval_head)
+    print(f'Accuracy of the network on the {num_images} test images: {stats["acc1"]:.1f}%')
+    result = {f'test_{k}': v for k, v in stats.items()}
+    if model_ema is not None:
+        ema_stats = evaluate(loader, model_ema.module, device, amp_dtype, head=args.eval_head)
+        print(f'Accuracy of the model EMA on the {num_images} test images: {ema_stats["acc1"]:.1f}%')
+        result.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+    return result
+
+
+# ============ main ============
+
+
+def main(args: argparse.Namespace) -> None:
+    """Train, finetune or evaluate as the flags say (see get_args_parser)."""
+    check_args(args)
+    utils.init_distributed_mode(args)
+    print(f'git revision: {git_revision()}')
+    print('\n'.join(f'{k}: {v}' for k, v in sorted(vars(args).items())))
+    device = torch.device(args.device)
+    print(f'Device: {device}')
+    seed_everything(args.seed + utils.get_rank())
+    torch.backends.cudnn.benchmark = True
+    amp_dtype = amp_dtype_of(args.precision, device)
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not args.resume and (output_dir / 'checkpoint.pth').exists():
+            args.resume = str(output_dir / 'checkpoint.pth')
+            print(f'Found {args.resume}: resuming from it (pass --resume to choose another checkpoint)')
+
+    # ============ preparing data ============
+    dataset_train, dataset_val, loader_train, loader_val, nb_classes = build_data(args, device)
+
+    # ============ building the model ============
+    print(f'Creating model: {args.model}')
+    model = create_model(args.model, args.input_size, num_classes=nb_classes, drop_rate=args.drop,
+                         drop_path_rate=args.drop_path)
+    if args.finetune:
+        load_finetune(model, args.finetune)
+    if args.attn_only:
+        train_attention_only(model, args.model)
+    model.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    # After DDP, which broadcasts rank 0's weights: every process's EMA starts from the same weights.
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model_without_ddp, decay=args.model_ema_decay,
+                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    if args.compile:
+        model = torch.compile(model)
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    print(f'number of params: {n_parameters}')
+
+    # ============ evaluating only ============
+    if args.eval:
+        ema_loaded = restore(args.resume, model_without_ddp, model_ema)['ema_loaded'] if args.resume else False
+        evaluate_all(args, loader_val, model, model_ema if ema_loaded else None, device, amp_dtype)
+        return
+
+    # ============ building the optimizer, schedule and loss ============
+    args.actual_lr = scaled_lr(args)
+    total_batch = args.batch_size * utils.get_world_size()
+    print(f'base lr: {args.lr:.2e}  actual lr: {args.actual_lr:.2e}  (total batch {total_batch}, '
+          f'{"--unscale-lr" if args.unscale_lr else "lr * total batch / 512"})')
+    fused = args.fused if args.fused is not None else device.type == 'cuda' and args.opt.lower() in ('adam', 'adamw')
+    optimizer = create_optimizer_v2(model_without_ddp, **dict(optimizer_kwargs(args), lr=args.actual_lr),
+                                    **({'fused': True} if fused else {}))
+    lr_scheduler, num_epochs = create_scheduler(args, optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    mixup_fn = None
+    if mixup_active(args):
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=nb_classes)
+    teacher = build_teacher(args, nb_classes, device) if args.distillation_type != 'none' else None
+    criterion = DistillationLoss(base_criterion(args), teacher, args.distillation_type, args.distillation_alpha,
+                                 args.distillation_tau)
+
+    # ============ resuming ============
+    max_accuracy = -math.inf
+    if args.resume:
+        state = restore(args.resume, model_without_ddp, model_ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                        scaler=scaler)
+        args.start_epoch = state.get('start_epoch', args.start_epoch)
+        max_accuracy = state.get('max_accuracy', max_accuracy)
+    if output_dir is not None and utils.is_main_process():
+        (output_dir / 'args.json').write_text(json.dumps(vars(args), indent=2) + '\n')
+    # EMA accuracy is measured where the EMA lives with the model (not with --model-ema-force-cpu on a GPU).
+    ema_to_evaluate = model_ema if model_ema is not None and next(model_ema.parameters()).device == device else None
+
+    # ============ training ============
+    print(f'Start training for {num_epochs - args.start_epoch} epochs (epochs {args.start_epoch}..{num_epochs - 1})')
+    start_time = time.time()
+    # Epoch e trains with the schedule's value for e (the original stepped at the end of e, one epoch late).
+    lr_scheduler.step(args.start_epoch)
+    for epoch in range(args.start_epoch, num_epochs):
+        # Re-seeded from (seed, rank, epoch): a resumed run draws what the uninterrupted run drew.
+        seed_everything(args.seed, utils.get_rank(), epoch)
+        if hasattr(loader_train.sampler, 'set_epoch'):
+            loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, scaler, amp_dtype,
+                                      args.clip_grad or 0.0, model_ema, mixup_fn, set_training_mode=args.train_mode)
+        test_stats = evaluate_all(args, loader_val, model, ema_to_evaluate, device, amp_dtype)
+        lr_scheduler.step(epoch + 1, test_stats['test_acc1'])
+        is_best = test_stats['test_acc1'] > max_accuracy
+        max_accuracy = max(max_accuracy, test_stats['test_acc1'])
+        print(f'Max accuracy: {max_accuracy:.2f}%')
+
+        if output_dir is not None:
+            checkpoint = {
+                'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
+                'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'scaler': scaler.state_dict(),
+                'args': dict(vars(args)), 'max_accuracy': max_accuracy, 'classes': list(dataset_train.classes),
+            }
+            if model_ema is not None:
+                checkpoint['model_ema'] = model_ema.module.state_dict()
+            utils.save_on_master(checkpoint, str(output_dir / 'checkpoint.pth'))
+            if is_best:
+                utils.save_on_master(checkpoint, str(output_dir / 'best_checkpoint.pth'))
+            log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, **test_stats,
+                         'epoch': epoch, 'n_parameters': n_parameters}
+            if utils.is_main_process():
+                with (output_dir / 'log.txt').open('a') as f:
+                    f.write(json.dumps(log_stats) + '\n')
+
+    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f'Training time {total_time}')
+
+
+if __name__ == '__main__':
+    cli = argparse.ArgumentParser('DeiT training and evaluation script', parents=[get_args_parser()])
+    cli_args = cli.parse_args()
+    try:
+        main(cli_args)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+        # User errors (and a diverged run) end with one line, not a traceback.
+        cli.exit(2 if not isinstance(e, NonFiniteLossError) else 1, f'{cli.prog}: error: {e}\n')
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
