@@ -360,6 +360,8 @@ class Benchmark:
         if args.threads:
             torch.set_num_threads(args.threads)
         self.device = torch.device(args.device)
+        if self.device.type == 'cuda' and not torch.cuda.is_available():
+            raise ValueError(f'--device {args.device}, but torch sees no GPU here; use --device cpu.')
         if args.precision == 'auto':
             args.precision = 'bf16' if self.device.type == 'cuda' else 'fp32'
         self.amp_dtype = AMP_DTYPES[args.precision]
