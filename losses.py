@@ -84,8 +84,8 @@ class DistillationLoss(nn.Module):
             # by B * C (numel) rather than by B: this is the element-wise mean of PyTorch's legacy
             # `reduction='mean'`, the scale with which the paper's alpha / tau were tuned; the textbook
             # 'batchmean' would multiply the term by C and change what a given alpha means. The original
-            # keeps numel for this reason (facebookresearch/deit issue #61). Float32 so that bf16 / fp16
-            # autocast does not round the small per-element terms of the sum.
+            # keeps numel for this reason (facebookresearch/deit issue #61). In float32 because CPU
+            # autocast leaves log_softmax in bf16, which would round the small per-element terms.
             distillation_loss = F.kl_div(
                 F.log_softmax(outputs_kd.float() / tau, dim=1),
                 F.log_softmax(teacher_outputs.float() / tau, dim=1),

@@ -1,0 +1,185 @@
+"""One training epoch and one evaluation pass, on CPU or CUDA, in one or many processes."""
+import math
+import time
+from contextlib import nullcontext
+from typing import Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.utils import accuracy
+from torch.utils.data import DistributedSampler
+
+import models
+import utils
+from losses import DistillationLoss
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; raised on every process together, before the optimizer step."""
+
+
+def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """The one precision switch: autocast to ``amp_dtype`` on ``device``, or full precision when None."""
+    return nullcontext() if amp_dtype is None else torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def _check_finite(loss_value: float, epoch: int, step: int, num_steps: int) -> None:
+    """Raise NonFiniteLossError on all processes when any process has a non-finite loss.
+
+    The decision is summed over processes, so that no process goes on to a collective (the DDP
+    gradient all-reduce) that the others never join: the original exited one rank and hung the rest.
+    """
+    local_bad = not math.isfinite(loss_value)
+    bad_processes = int(utils.all_reduce_sum([float(local_bad)])[0])
+    if bad_processes:
+        where = f'loss is {loss_value}' if local_bad else 'loss is finite here'
+        raise NonFiniteLossError(
+            f'Non-finite loss at epoch {epoch}, step {step}/{num_steps} on {bad_processes} of '
+            f'{utils.get_world_size()} process(es) ({where}); stopped before the optimizer step. '
+            'Try a lower --lr, --clip-grad 1.0, or bf16 / full precision instead of fp16.')
+
+
+def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: Iterable,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
+                    scaler: Optional[torch.amp.GradScaler], amp_dtype: Optional[torch.dtype],
+                    max_norm: float = 0.0, model_ema: Optional[nn.Module] = None, mixup_fn: Optional[Mixup] = None,
+                    set_training_mode: bool = True, print_freq: int = 10) -> Dict[str, float]:
+    """Train ``model`` for one pass over ``data_loader``.
+
+    Args:
+        criterion: called as ``criterion(samples, outputs, targets)``, on the mixed samples.
+        scaler: a GradScaler, enabled for fp16 only; None is the same as a disabled one.
+        amp_dtype: None (full precision), torch.float16 or torch.bfloat16.
+        max_norm: clip the gradient norm to this value (after unscaling); 0 disables clipping.
+        model_ema: anything with ``.update(model)`` (timm's ModelEmaV3 / ModelEma), updated every step.
+        mixup_fn: timm's Mixup, applied on ``device``.
+        set_training_mode: False keeps the model in eval mode (dropout, drop path off) while training.
+
+    Returns:
+        {'loss': mean loss, 'lr': mean learning rate} over the epoch and all processes.
+
+    Raises:
+        NonFiniteLossError: on every process, when the loss of any process is NaN or infinite.
+        ValueError: when the loader is empty.
+    """
+    model.train(set_training_mode)
+    scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
+    autocast = _autocast(device, amp_dtype)
+    # timm's second-order optimizers (AdaHessian) need the graph of the gradients.
+    is_second_order = getattr(optimizer, 'is_second_order', False)
+    world_size = utils.get_world_size()
+
+    metric_logger = utils.MetricLogger(delimiter='  ')
+    metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    metric_logger.add_meter('img/s', utils.SmoothedValue(fmt='{median:.1f}'))
+    header = f'Epoch: [{epoch}]'
+    last = time.perf_counter()
+    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header, device)):
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+
+        with autocast:
+            outputs = model(samples)
+            loss = criterion(samples, outputs, targets)
+        loss_value = loss.item()
+        _check_finite(loss_value, epoch, step, len(data_loader))
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward(create_graph=is_second_order)
+        if max_norm:
+            # Unscale first, so that max_norm bounds the true gradients and not the fp16-scaled ones.
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        if model_ema is not None:
+            model_ema.update(model)
+
+        now = time.perf_counter()
+        metric_logger.update(loss=loss_value)
+        metric_logger.update(lr=optimizer.param_groups[0]['lr'])
+        metric_logger.meters['img/s'].update(samples.shape[0] * world_size / (now - last))
+        last = now
+
+    metric_logger.synchronize_between_processes()
+    print('Averaged stats:', metric_logger)
+    return {'loss': metric_logger.meters['loss'].global_avg, 'lr': metric_logger.meters['lr'].global_avg}
+
+
+def _num_real_samples(data_loader: Iterable) -> Optional[int]:
+    """How many of this process's samples are dataset items rather than a DistributedSampler's padding.
+
+    With drop_last=False, DistributedSampler pads its index list to a multiple of the number of
+    processes by repeating its first indices, and gives process r the positions r, r + W, r + 2W, ...
+    of that padded list. The padding is the positions >= len(dataset), so on each process it is the
+    tail: only the first len(range(r, min(total_size, len(dataset)), W)) samples are distinct items,
+    and over all processes these cover every dataset index exactly once. None when the loader does
+    not draw from a DistributedSampler (then nothing is padded).
+    """
+    sampler = getattr(getattr(data_loader, 'batch_sampler', None), 'sampler', None)
+    if not isinstance(sampler, DistributedSampler):
+        return None
+    return len(range(sampler.rank, min(sampler.total_size, len(sampler.dataset)), sampler.num_replicas))
+
+
+@torch.no_grad()
+def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+             head: str = 'avg', print_freq: int = 10) -> Dict[str, float]:
+    """Cross-entropy, top-1 and top-5 accuracy (%) of ``model`` on ``data_loader``, weighted by samples.
+
+    Under distributed evaluation the sums are reduced over processes, and the padding that a
+    DistributedSampler(drop_last=False) adds to even out the processes is not counted, so the result
+    equals a single-process evaluation. Batches must follow the sampler's order, as torch's
+    BatchSampler does.
+
+    Args:
+        amp_dtype: None (full precision), torch.float16 or torch.bfloat16.
+        head: for a distilled model, 'avg' (both heads, the default), 'cls' or 'dist'; the model's
+            previous choice is restored afterwards.
+
+    Returns:
+        {'acc1', 'acc5', 'loss', 'n'}, n being the number of samples counted.
+    """
+    num_real = _num_real_samples(data_loader)
+    autocast = _autocast(device, amp_dtype)
+    metric_logger = utils.MetricLogger(delimiter='  ')
+    # Every process needs the same meters for the reduction, even one that saw only padding.
+    for name in ('loss', 'acc1', 'acc5'):
+        metric_logger.add_meter(name, utils.SmoothedValue())
+
+    model.eval()
+    previous_head = models.set_eval_head(model, head)
+    try:
+        seen = 0
+        for images, target in metric_logger.log_every(data_loader, print_freq, 'Test:', device):
+            images = images.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            with autocast:
+                output = model(images)
+            if num_real is not None:
+                # Every process still runs the full batch, so that all run the same forward passes.
+                keep = min(max(num_real - seen, 0), target.shape[0])
+                seen += target.shape[0]
+                output, target = output[:keep], target[:keep]
+            n = target.shape[0]
+            if n == 0:
+                continue
+            output = output.float()
+            # Top-5 of fewer than five classes is every class.
+            acc1, acc5 = accuracy(output, target, topk=(1, min(5, output.shape[1])))
+            metric_logger.meters['loss'].update(F.cross_entropy(output, target).item(), n=n)
+            metric_logger.meters['acc1'].update(acc1.item(), n=n)
+            metric_logger.meters['acc5'].update(acc5.item(), n=n)
+    finally:
+        models.set_eval_head(model, previous_head)
+
+    metric_logger.synchronize_between_processes()
+    meters = metric_logger.meters
+    print(f"* Acc@1 {meters['acc1'].global_avg:.3f} Acc@5 {meters['acc5'].global_avg:.3f} "
+          f"loss {meters['loss'].global_avg:.3f}")
+    return {'acc1': meters['acc1'].global_avg, 'acc5': meters['acc5'].global_avg,
+            'loss': meters['loss'].global_avg, 'n': meters['acc1'].count}
