@@ -12,7 +12,6 @@ preprocessing is datasets.py's evaluation transform, the one main.py evaluates w
 """
 import argparse
 import json
-import pickle
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -22,6 +21,7 @@ from PIL import Image
 from timm.data import ImageNetInfo
 
 import models
+import utils
 from datasets import build_eval_transform
 
 DEFAULT_MODEL = 'deit_base_patch16_224'
@@ -33,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--model', default=None, type=str,
                         help=f'model name (default: the one stored in --checkpoint, else {DEFAULT_MODEL})')
     parser.add_argument('--checkpoint', default='', type=str,
-                        help='weights file: an official DeiT file or a checkpoint written by main.py '
+                        help='weights file or https URL: an official DeiT file or a checkpoint written by main.py '
                              '(default: the official weights of --model, through the torch.hub cache)')
     parser.add_argument('--topk', default=5, type=int, help='number of classes printed per image (default: 5)')
     parser.add_argument('--input-size', '--input_size', default=None, type=int,
@@ -79,50 +79,65 @@ def class_names(num_classes: int, stored: Optional[Sequence[str]] = None) -> Lis
     return [str(i) for i in range(num_classes)]
 
 
-def _load_checkpoint_file(path: str) -> Dict[str, Any]:
+def _weights_of(checkpoint: Dict[str, Any], path: str) -> Dict[str, torch.Tensor]:
+    """The weights to predict with: main.py's EMA weights when kept (main.py evaluates them too), else 'model'."""
+    for key in ('model_ema', 'model'):
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    if 'head.weight' in checkpoint:  # a bare state_dict, as main.py's --finetune accepts
+        return checkpoint
+    raise ValueError(f"{path} holds no DeiT weights: expected a 'model' state_dict (official files and "
+                     "main.py's checkpoints have one) or a bare state_dict")
+
+
+def _check_name(name: str) -> str:
+    if name not in models.DEIT_MODELS:
+        raise ValueError(f"Unknown model '{name}'; choose one of {', '.join(models.DEIT_MODELS)}")
+    return name
+
+
+def _pretrained_model(args: argparse.Namespace) -> nn.Module:
+    """The official weights of --model, through torch.hub's cache (models.build_model with pretrained=True)."""
+    name = _check_name(args.model or DEFAULT_MODEL)
+    kwargs = {} if args.input_size is None else {'img_size': args.input_size}
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
-        raise ValueError(f'cannot load checkpoint {path}: {exc}') from exc
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('model'), dict):
-        raise ValueError(f"{path} is not a DeiT checkpoint: expected a dict with a 'model' state_dict "
-                         "(the official files and main.py's checkpoints have one)")
-    return checkpoint
+        return models.build_model(name, pretrained=True, **kwargs)
+    except OSError as exc:  # urllib's URLError is an OSError: no network and nothing in the cache
+        raise ValueError(f'cannot get the weights of {name} from {models.MODEL_URLS[name]} ({exc}); '
+                         f'put that file in {torch.hub.get_dir()}/checkpoints/ or pass --checkpoint') from exc
+
+
+def _checkpoint_model(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any], Optional[List[str]]]:
+    """The model of --checkpoint; returns (model, the checkpoint's training args, its stored class names)."""
+    checkpoint = utils.load_checkpoint(args.checkpoint)
+    state_dict = _weights_of(checkpoint, args.checkpoint)
+    train_args = checkpoint.get('args') or {}
+    if isinstance(train_args, argparse.Namespace):  # checkpoints of the original code pickled the Namespace
+        train_args = vars(train_args)
+    name = _check_name(args.model or train_args.get('model') or DEFAULT_MODEL)
+    if 'head.weight' not in state_dict:
+        raise ValueError(f"{args.checkpoint} has no classifier ('head.weight'): not a classification checkpoint")
+    # The head's shape gives the number of classes, whatever dataset the checkpoint was trained on.
+    kwargs = {'num_classes': state_dict['head.weight'].shape[0]}
+    input_size = args.input_size or train_args.get('input_size')
+    if input_size is not None:
+        kwargs['img_size'] = input_size
+    model = models.build_model(name, **kwargs)
+    models.interpolate_pos_embed(model, state_dict)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        problems = '; '.join(line.strip()[:200] for line in str(exc).splitlines()[1:4] if line.strip())
+        raise ValueError(f'{args.checkpoint} does not fit {name} ({problems}): pass the right --model') from None
+    return model, train_args, checkpoint.get('classes')
 
 
 def load_model(args: argparse.Namespace) -> Tuple[nn.Module, List[str], int, float]:
     """Build the model with its weights; returns (model in eval mode, class names, input size, crop ratio)."""
-    if not args.checkpoint:
-        name = args.model or DEFAULT_MODEL
-        if name not in models.DEIT_MODELS:
-            raise ValueError(f"No official weights for '{name}'. DeiT models: {', '.join(models.DEIT_MODELS)}; "
-                             'pass --checkpoint for any other weights.')
-        kwargs = {} if args.input_size is None else {'img_size': args.input_size}
-        try:
-            model = models.build_model(name, pretrained=True, **kwargs)
-        except OSError as exc:  # urllib's URLError is an OSError: no network and nothing in the cache
-            raise ValueError(f'cannot get the weights of {name} from {models.MODEL_URLS[name]} ({exc}); '
-                             f'put that file in $TORCH_HOME/hub/checkpoints/ or pass --checkpoint') from exc
-        stored_classes, train_args = None, {}
+    if args.checkpoint:
+        model, train_args, stored_classes = _checkpoint_model(args)
     else:
-        checkpoint = _load_checkpoint_file(args.checkpoint)
-        # main.py evaluates its EMA weights when it keeps them, so they are the ones to predict with.
-        state_dict = checkpoint.get('model_ema') or checkpoint['model']
-        train_args = checkpoint.get('args') or {}
-        name = args.model or train_args.get('model') or DEFAULT_MODEL
-        if 'head.weight' not in state_dict:
-            raise ValueError(f"{args.checkpoint} has no classifier ('head.weight'): not a classification checkpoint")
-        kwargs = {'num_classes': state_dict['head.weight'].shape[0]}
-        input_size = args.input_size or train_args.get('input_size')
-        if input_size is not None:
-            kwargs['img_size'] = input_size
-        model = models.build_model(name, **kwargs)
-        models.interpolate_pos_embed(model, state_dict)
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as exc:
-            raise ValueError(f'{args.checkpoint} does not fit {name} (pass the right --model): {exc}') from exc
-        stored_classes = checkpoint.get('classes')
+        model, train_args, stored_classes = _pretrained_model(args), {}, None
     models.set_eval_head(model, args.head)
     input_size = model.patch_embed.img_size[0]
     crop_ratio = args.eval_crop_ratio or train_args.get('eval_crop_ratio') or 0.875

@@ -14,6 +14,7 @@ import torchvision.transforms as T
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
 
+import datasets
 import models  # noqa: F401  (registers the DeiT names in timm)
 import predict
 
@@ -166,3 +167,40 @@ def test_eval_head_of_distilled_checkpoint(tmp_path, capsys):
     argv = [PHOTOS[1], '--checkpoint', str(checkpoint), '--model', 'deit_tiny_patch16_224', '--head', 'dist']
     assert predict.main(predict.get_args_parser().parse_args(argv)) == 2
     assert 'no distillation' in capsys.readouterr().err
+
+
+def test_checkpoint_written_by_main_prints_its_class_names(tmp_path, capsys):
+    out = tmp_path / 'out'
+    train = subprocess.run(
+        [sys.executable, 'main.py', '--data-set', 'DIGITS', '--model', 'deit_tiny_patch16_224', '--input-size', '16',
+         '--epochs', '1', '--batch-size', '256', '--device', 'cpu', '--num_workers', '0', '--output_dir', str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    checkpoint = torch.load(out / 'checkpoint.pth', map_location='cpu', weights_only=True)
+    assert len(checkpoint['classes']) == 10 and 'model_ema' in checkpoint
+
+    # The EMA weights at the training size (16), with main.py's evaluation transform.
+    model = timm.create_model('deit_tiny_patch16_224', img_size=16, num_classes=10).eval()
+    model.load_state_dict(checkpoint['model_ema'])
+    transform = datasets.build_eval_transform(16)
+
+    result = run_predict(*PHOTOS, '--checkpoint', str(out / 'checkpoint.pth'), torch_home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    blocks = parse_blocks(result.stdout)
+    for path in PHOTOS:
+        scores, indices = direct_topk(model, path, transform=transform)
+        expected = [(rank, checkpoint['classes'][i], round(float(s), 3))
+                    for rank, (s, i) in enumerate(zip(scores, indices.tolist()))]
+        assert blocks[path] == expected
+
+    # DIGITS names its classes '0'..'9', as the index fallback would: renamed, the names must follow, and
+    # with 'model' changed the printed scores must still be the EMA weights'.
+    checkpoint['classes'] = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
+    checkpoint['model'] = {k: torch.zeros_like(v) for k, v in checkpoint['model'].items()}
+    torch.save(checkpoint, tmp_path / 'renamed.pth')
+    argv = [PHOTOS[0], '--checkpoint', str(tmp_path / 'renamed.pth'), '--device', 'cpu', '--json']
+    assert predict.main(predict.get_args_parser().parse_args(argv)) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    scores, indices = direct_topk(model, PHOTOS[0], transform=transform)
+    assert [p['name'] for p in result['predictions']] == [checkpoint['classes'][i] for i in indices.tolist()]
+    torch.testing.assert_close(torch.tensor([p['score'] for p in result['predictions']]), scores)
