@@ -746,11 +746,10 @@ def print_table(results: Dict[str, Any]) -> None:
     print(header)
     print('-' * len(header))
     for part in ('inference', 'train', 'train_teacher'):
-        r = results.get(part)
-        if not r:
-            continue
+        r = results.get(part, {})
         if 'error' in r:
             print(f'{part:<14} failed: {r["error"]}')
+        if 'ours' not in r:
             continue
         ours, ref = r['ours'], r.get('timm', {})
         mem = (r.get('peak_memory_gib') or {}).get('ours')

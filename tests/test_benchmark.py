@@ -87,7 +87,7 @@ def test_user_errors_are_clear():
         benchmark.parse_model_kwargs(['depth'])
 
 
-def test_tiny_run_writes_every_figure(tmp_path):
+def test_tiny_run_writes_every_figure(tmp_path, capsys):
     """The command a user runs, on a 2-block model: every part measured, ours and timm's the same function."""
     out = tmp_path / 'bench.json'
     cmd = [sys.executable, os.path.join(ROOT, 'benchmark.py'), '--model', 'deit_tiny_distilled_patch16_224',
@@ -137,3 +137,8 @@ def test_tiny_run_writes_every_figure(tmp_path):
     assert 'skipped' in data['pin_memory']
 
     assert 'ours/timm' in proc.stdout and 'DataLoader with 2 workers' in proc.stdout
+
+    # the GPU script's runs skip parts: the table then leaves their rows out instead of failing
+    benchmark.print_table(dict(r, train_teacher={'skipped': 'no --teacher-model'}, data={'skipped': '--skip-data'}))
+    table = capsys.readouterr().out
+    assert '\ntrain ' in table and 'train_teacher' not in table and 'DataLoader' not in table
