@@ -1,4 +1,4 @@
-"""Top-k predictions for single images with a DeiT model: the walkthrough of the DeiT README as one command.
+"""Top-k predictions for single images with a DeiT model: the original's torch.hub walkthrough as one command.
 
     python predict.py cat.jpg --model deit_base_patch16_224
     Prediction index 0: tabby                    , score: 0.567
@@ -55,8 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def imagenet_class_names() -> List[str]:
     """The 1000 ImageNet-1k class names in index order, from the WordNet lemmas shipped with timm.
 
-    The first lemma of each class ("tabby" of "tabby, tabby cat") is the name the DeiT README's
-    imagenet_classes.txt lists, so the lines read as the README's.
+    The first lemma of each class ("tabby" of "tabby, tabby cat") is the name in pytorch/hub's
+    imagenet_classes.txt, the file the original walkthrough reads, so the lines read as its output.
     """
     return [description.split(', ')[0] for description in ImageNetInfo('imagenet-1k').label_descriptions()]
 
@@ -119,7 +119,7 @@ def _checkpoint_model(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, An
         raise ValueError(f"{args.checkpoint} has no classifier ('head.weight'): not a classification checkpoint")
     # The head's shape gives the number of classes, whatever dataset the checkpoint was trained on.
     kwargs = {'num_classes': state_dict['head.weight'].shape[0]}
-    input_size = args.input_size or train_args.get('input_size')
+    input_size = args.input_size if args.input_size is not None else train_args.get('input_size')
     if input_size is not None:
         kwargs['img_size'] = input_size
     model = models.build_model(name, **kwargs)
@@ -140,7 +140,7 @@ def load_model(args: argparse.Namespace) -> Tuple[nn.Module, List[str], int, flo
         model, train_args, stored_classes = _pretrained_model(args), {}, None
     models.set_eval_head(model, args.head)
     input_size = model.patch_embed.img_size[0]
-    crop_ratio = args.eval_crop_ratio or train_args.get('eval_crop_ratio') or 0.875
+    crop_ratio = args.eval_crop_ratio if args.eval_crop_ratio is not None else train_args.get('eval_crop_ratio', 0.875)
     return model.eval(), class_names(model.num_classes, stored_classes), input_size, crop_ratio
 
 
@@ -158,15 +158,27 @@ def predict(model: nn.Module, image: torch.Tensor, topk: int) -> Tuple[torch.Ten
     return torch.topk(scores, k=min(topk, scores.numel()))
 
 
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device '{name}' (cpu, cuda, cuda:1, ...)") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda, but no GPU is visible: use --device cpu')
+    return device
+
+
 def main(args: argparse.Namespace) -> int:
     """Print the predictions for every readable image; returns the exit code (1 if some image was unreadable)."""
     try:
+        device = _device(args.device)
+        if args.topk < 1:
+            raise ValueError('--topk must be at least 1')
         model, names, input_size, crop_ratio = load_model(args)
         transform = build_eval_transform(input_size, crop_ratio)
     except ValueError as exc:
         print(f'predict.py: error: {exc}', file=sys.stderr)
         return 2
-    device = torch.device(args.device)
     model.to(device)
 
     results, failed = [], False
@@ -193,8 +205,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == '__main__':
-    parser = get_args_parser()
-    args = parser.parse_args()
-    if args.topk < 1:
-        parser.error('--topk must be at least 1')
-    sys.exit(main(args))
+    sys.exit(main(get_args_parser().parse_args()))

@@ -204,3 +204,14 @@ def test_checkpoint_written_by_main_prints_its_class_names(tmp_path, capsys):
     scores, indices = direct_topk(model, PHOTOS[0], transform=transform)
     assert [p['name'] for p in result['predictions']] == [checkpoint['classes'][i] for i in indices.tolist()]
     torch.testing.assert_close(torch.tensor([p['score'] for p in result['predictions']]), scores)
+
+
+def test_user_errors_are_one_line_messages(tmp_path, capsys):
+    for argv, message in [
+        (['--checkpoint', str(tmp_path / 'missing.pth')], 'missing.pth: no such file'),
+        (['--model', 'resnet50'], "Unknown model 'resnet50'"),
+        (['--topk', '0'], '--topk must be at least 1'),
+    ]:
+        assert predict.main(predict.get_args_parser().parse_args([PHOTOS[0], '--device', 'cpu', *argv])) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
