@@ -84,7 +84,11 @@ def test_preempted_job_requeues_and_resumes_from_its_checkpoint(tmp_path):
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     job_id = None
     try:
-        job_id = JOB_ID.search(launcher.stdout.readline())[1]
+        for line in launcher.stdout:  # warnings may come first
+            if found := JOB_ID.search(line):
+                job_id = found[1]
+                break
+        assert job_id is not None, 'the launcher did not submit a job'
         log = Path(run_with_submitit.expand_job_id(str(output_dir), job_id)) / 'log.txt'
         wait_until(lambda: log.exists() and bool(log.read_text().strip()), launcher)
         # Preempt during epoch 1 as Slurm does (`scancel --signal USR2`, submitit's SlurmJob._interrupt) and as
