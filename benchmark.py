@@ -115,7 +115,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='number of JPEGs to generate (default: 256)')
 
     parser.add_argument('--json', default='benchmark.json', type=str,
-                        help='file that receives every figure (default: benchmark.json)')
+                        help="file that receives every figure, '' for none (default: benchmark.json)")
     return parser
 
 
@@ -432,7 +432,7 @@ class Benchmark:
 
     def _report(self, timings: Dict[str, Dict[str, Any]], batch_size: int, gflops: Optional[float]
                 ) -> Dict[str, Any]:
-        """Images/s, achieved TFLOP/s and MFU of each timed model, and the ratio ours / timm."""
+        """Images/s, achieved TFLOP/s and MFU of each timed model, and the speed ratio ours / timm."""
         peak = self.results.get('matmul_peak', {}).get('tflops')
         out = {}
         for name, t in timings.items():
@@ -440,7 +440,10 @@ class Benchmark:
             tflops = img_s * gflops / 1e3 if gflops else None
             out[name] = dict(t, img_s=img_s, tflops=tflops, mfu=tflops / peak if tflops and peak else None)
         if 'timm' in out:
-            out['ratio_ours_timm'] = out['ours']['img_s'] / out['timm']['img_s']
+            # repeat i of ours ran right next to repeat i of timm's: the median of these paired ratios
+            # cancels the slow spells of a shared machine better than a ratio of two medians
+            pairs = zip(timings['ours']['repeats'], timings['timm']['repeats'])
+            out['ratio_ours_timm'] = statistics.median(t_timm / t_ours for t_ours, t_timm in pairs)
         return out
 
     # ---------- parts ----------
