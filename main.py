@@ -343,6 +343,7 @@ def build_data(args: argparse.Namespace, device: torch.device
                                            seed=args.seed)
     else:
         sampler_train = RandomSampler(dataset_train)  # draws from torch's generator, which each epoch re-seeds
+    print(f'Training sampler: {type(sampler_train).__name__}')
     loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size, drop_last=True,
                               **loader_kwargs)
     return dataset_train, dataset_val, loader_train, loader_val, nb_classes
