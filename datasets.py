@@ -255,8 +255,18 @@ def image_folder(root: str, transform: Optional[Callable] = None, skip_corrupt: 
     if not os.path.isdir(root):
         raise FileNotFoundError(f'{root} is not a folder: the folder datasets expect '
                                 '<data-path>/train/<class>/<image> and <data-path>/val/<class>/<image>')
-    classes, class_to_idx = find_classes(root)
-    samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+    try:
+        classes, class_to_idx = find_classes(root)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{root} holds no class folder: put the images of each class in '
+                                f'{os.path.join(root, "<class>")}/') from None
+    samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    found = {target for _, target in samples}
+    empty = [name for name in classes if class_to_idx[name] not in found]
+    if empty:
+        raise FileNotFoundError(f'class folders of {root} without any image ({", ".join(IMG_EXTENSIONS)}): '
+                                f'{", ".join(empty[:10])}{" ..." if len(empty) > 10 else ""}; add images to them '
+                                'or remove them')
     return ImageFileDataset(samples, classes, transform, skip_corrupt)
 
 

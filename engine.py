@@ -1,8 +1,9 @@
 """One training epoch and one evaluation pass, on CPU or CUDA, in one or many processes."""
 import math
+import os
 import time
 from contextlib import nullcontext
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,32 +21,61 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; raised on every process together, before the optimizer step."""
 
 
+class TrainingStopped(Exception):
+    """A stop was requested (main.py: SIGTERM / SIGUSR1); raised on every process together.
+
+    Attributes:
+        epoch: the epoch in progress.
+        step: the number of its steps applied; the step under way was abandoned before its update.
+    """
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f'training stopped at epoch {epoch}, step {step}')
+        self.epoch = epoch
+        self.step = step
+
+
 def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     """The one precision switch: autocast to ``amp_dtype`` on ``device``, or full precision when None."""
     return nullcontext() if amp_dtype is None else torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def _check_finite(loss_value: float, epoch: int, step: int, num_steps: int) -> None:
-    """Raise NonFiniteLossError on all processes when any process has a non-finite loss.
+def _injected_nan_at() -> Optional[Tuple[int, int, int]]:
+    """Test-only: ``DEIT_TEST_NAN_AT=rank:epoch:step`` makes that process's loss NaN at that step.
 
-    The decision is summed over processes, so that no process goes on to a collective (the DDP
-    gradient all-reduce) that the others never join: the original exited one rank and hung the rest.
+    tests/test_reliability.py uses it to make one process of two diverge; never set it otherwise.
+    """
+    value = os.environ.get('DEIT_TEST_NAN_AT')
+    return tuple(int(v) for v in value.split(':')) if value else None
+
+
+def _check_step(loss_value: float, stop: bool, epoch: int, step: int, num_steps: int) -> None:
+    """Stop every process together: NonFiniteLossError when the loss of any process is not finite,
+    else TrainingStopped when any process was asked to stop.
+
+    Both decisions are summed over processes, in one collective per step, so that no process goes on
+    to a collective (the DDP gradient all-reduce) that the others never join: the original exited one
+    rank on a NaN and hung the rest.
     """
     local_bad = not math.isfinite(loss_value)
-    bad_processes = int(utils.all_reduce_sum([float(local_bad)])[0])
+    bad_processes, stopping = utils.all_reduce_sum([float(local_bad), float(stop)])
+    bad_processes = int(bad_processes)
     if bad_processes:
         where = f'loss is {loss_value}' if local_bad else 'loss is finite here'
         raise NonFiniteLossError(
             f'Non-finite loss at epoch {epoch}, step {step}/{num_steps} on {bad_processes} of '
             f'{utils.get_world_size()} process(es) ({where}); stopped before the optimizer step. '
             'Try a lower --lr, --clip-grad 1.0, or bf16 / full precision instead of fp16.')
+    if stopping:
+        raise TrainingStopped(epoch, step)
 
 
 def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     scaler: Optional[torch.amp.GradScaler], amp_dtype: Optional[torch.dtype],
                     max_norm: float = 0.0, model_ema: Optional[nn.Module] = None, mixup_fn: Optional[Mixup] = None,
-                    set_training_mode: bool = True, print_freq: int = 10) -> Dict[str, float]:
+                    set_training_mode: bool = True, print_freq: int = 10,
+                    stop_requested: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
     """Train ``model`` for one pass over ``data_loader``.
 
     Args:
@@ -56,12 +86,15 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: 
         model_ema: anything with ``.update(model)`` (timm's ModelEmaV3 / ModelEma), updated every step.
         mixup_fn: timm's Mixup, applied on ``device``.
         set_training_mode: False keeps the model in eval mode (dropout, drop path off) while training.
+        stop_requested: polled at every step; when it returns True on any process, every process
+            abandons the step under way (no update) and raises TrainingStopped.
 
     Returns:
         {'loss': mean loss, 'lr': mean learning rate} over the epoch and all processes.
 
     Raises:
         NonFiniteLossError: on every process, when the loss of any process is NaN or infinite.
+        TrainingStopped: on every process, when a stop was requested on any process.
         ValueError: when the loader is empty.
     """
     model.train(set_training_mode)
@@ -70,6 +103,7 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: 
     # timm's second-order optimizers (AdaHessian) need the graph of the gradients.
     is_second_order = getattr(optimizer, 'is_second_order', False)
     world_size = utils.get_world_size()
+    nan_at = _injected_nan_at()
 
     metric_logger = utils.MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
@@ -86,7 +120,9 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: 
             outputs = model(samples)
             loss = criterion(samples, outputs, targets)
         loss_value = loss.item()
-        _check_finite(loss_value, epoch, step, len(data_loader))
+        if nan_at == (utils.get_rank(), epoch, step):
+            loss_value = math.nan
+        _check_step(loss_value, stop_requested is not None and stop_requested(), epoch, step, len(data_loader))
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward(create_graph=is_second_order)

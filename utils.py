@@ -5,9 +5,9 @@ import datetime
 import os
 import pickle
 import re
-import tempfile
 import time
 import urllib.error
+import urllib.parse
 import warnings
 from collections import defaultdict, deque
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -232,23 +232,32 @@ class CheckpointError(ValueError):
 def save_on_master(obj: Any, path: str) -> None:
     """``torch.save(obj, path)`` on the master process only, atomically.
 
-    The file is written next to ``path`` under a temporary name, flushed to disk and renamed over
+    The file is written next to ``path`` as ``.<name>.tmp``, flushed to disk and renamed over
     ``path``, so a kill during the write leaves the previous checkpoint intact (the original
-    overwrote its only resume point in place).
+    overwrote its only resume point in place). The temporary name is fixed, so the one a kill
+    leaves behind is overwritten by the next save instead of piling up.
     """
     if not is_main_process():
         return
     folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=folder)
+    tmp_path = os.path.join(folder, f'.{name}.tmp')
     try:
-        with os.fdopen(fd, 'wb') as f:
+        with open(tmp_path, 'wb') as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
-        os.unlink(tmp_path)
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
         raise
+    # The rename itself reaches the disk with the folder's entry: after a crash of the machine, not
+    # only of the process, the folder holds the new file or the old one.
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_checkpoint(path_or_url: str) -> Dict[str, Any]:
@@ -271,14 +280,16 @@ def load_checkpoint(path_or_url: str) -> Dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f'checkpoint {path_or_url}: no such file') from None
     except urllib.error.URLError as e:
-        raise CheckpointError(f'cannot download {path_or_url} ({e.reason}); without network, put the file in '
-                              f'{torch.hub.get_dir()}/checkpoints/ under its name') from None
+        name = os.path.basename(urllib.parse.urlparse(path_or_url).path)
+        raise CheckpointError(f'cannot download {path_or_url} ({e.reason}); without network, copy {name} into '
+                              f'{os.path.join(torch.hub.get_dir(), "checkpoints")}/, or give a local file') from None
     except pickle.UnpicklingError as e:
         # torch's message is a paragraph; its 'Unsupported global: GLOBAL x.y' part names the culprit.
         found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
         what = found[1] if found else 'objects'
         raise CheckpointError(f'checkpoint {path_or_url} holds {what}, not only tensors and plain values, '
-                              'and is refused (loaded with weights_only=True)') from None
+                              'and is refused: unpickling it could run code (loaded with weights_only=True). '
+                              'Use files from sources you trust, saved as tensors and plain values') from None
     except Exception as e:  # a truncated or foreign file can fail anywhere in the unpickler
         reason = str(e).strip().split('. ')[0]
         raise CheckpointError(f'checkpoint {path_or_url} is truncated or not a torch checkpoint '
