@@ -18,6 +18,8 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
+import utils
+
 __all__ = [
     'DEIT_MODELS', 'MODEL_URLS', 'TEACHER_URLS', 'DistilledVisionTransformer', 'build_model',
     'set_eval_head', 'interpolate_pos_embed',
@@ -171,8 +173,8 @@ def interpolate_pos_embed(model: nn.Module, state_dict: Dict[str, torch.Tensor])
 
 def _load_pretrained(model: nn.Module, name: str) -> None:
     """Load the official weights through torch.hub's cache (``$TORCH_HOME/hub/checkpoints``)."""
-    checkpoint = torch.hub.load_state_dict_from_url(
-        MODEL_URLS[name], map_location='cpu', check_hash=True, weights_only=True)
+    # weights_only=True, and one clear line for a file that cannot be downloaded, is truncated or is refused.
+    checkpoint = utils.load_checkpoint(MODEL_URLS[name])
     state_dict = checkpoint['model']
     interpolate_pos_embed(model, state_dict)
     dropped = []
