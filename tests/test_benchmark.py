@@ -130,7 +130,7 @@ def test_tiny_run_writes_every_figure(tmp_path, capsys):
 
     data = r['data']
     assert data['files'] == 6 and data['workers'] == 2 and data['batch_size'] == 4
-    assert 30 < data['mean_file_kb'] < 300  # ImageNet-like JPEGs, not tiny flat ones
+    assert 70 < data['mean_file_kb'] < 200  # ImageNet-like JPEGs (~110 kB), not small flat ones
     assert 'RandAugment' in data['transform'] and 'RandomErasing' in data['transform']
     assert data['one_process_img_s'] > 0 and data['loader_img_s'] > 0
     assert data['loader_img_s_per_worker'] == pytest.approx(data['loader_img_s'] / 2)
