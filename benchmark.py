@@ -667,8 +667,8 @@ def measure_data_pipeline(files: Sequence[str], transform: Callable, workers: in
 
     The loader's first window is discarded: it drains the batches prefetched while the workers
     started. On CUDA the loader is also timed with and without pinned memory (batches copied to the
-    GPU); for persistent workers, the wait for the first batch of a second epoch is timed with and
-    without.
+    GPU); for persistent workers, the wait for the first batch of each epoch after the first is
+    timed with and without (median of ``repeats`` epochs of two batches per worker).
     """
     sizes = [os.path.getsize(f) for f in files]
     out = {'files': len(files), 'mean_file_kb': statistics.mean(sizes) / 1e3, 'batch_size': batch_size,
@@ -707,19 +707,20 @@ def measure_data_pipeline(files: Sequence[str], transform: Callable, workers: in
         out['pin_memory'] = {'skipped': 'pinned memory speeds up copies to a GPU only'}
 
     if workers > 0:
-        epoch = JpegDataset(files, transform, 2 * workers * batch_size)
+        epoch = JpegDataset(files, transform, 2 * workers * batch_size)  # two batches per worker
         first_batch_s = {}
         for persistent in (True, False):
             loader = _loader(epoch, workers, batch_size, persistent_workers=persistent)
-            for _ in loader:
-                pass
-            start = time.perf_counter()
-            batches = iter(loader)
-            next(batches)
-            first_batch_s['persistent' if persistent else 'restarted'] = time.perf_counter() - start
-            for _ in batches:
-                pass
+            waits = []
+            for _ in range(repeats + 1):  # the first epoch starts the workers in both cases
+                start = time.perf_counter()
+                batches = iter(loader)
+                next(batches)
+                waits.append(time.perf_counter() - start)
+                for _ in batches:
+                    pass
             del loader, batches
+            first_batch_s['persistent' if persistent else 'restarted'] = statistics.median(waits[1:])
         out['persistent_workers'] = {'epoch_start_s': first_batch_s,
                                      'saved_s_per_epoch': first_batch_s['restarted'] - first_batch_s['persistent']}
     else:
