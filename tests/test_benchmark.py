@@ -77,6 +77,21 @@ def test_interleaved_timing_measures_known_durations():
     assert len(timings['short']['repeats']) == 3 and timings['short']['iters_per_repeat'] >= 3
 
 
+def test_batch_search_doubles_until_out_of_memory():
+    def make_step(batch_size):  # a device on which batches above 256 do not fit
+        def step():
+            if batch_size > 256:
+                raise torch.OutOfMemoryError('CUDA out of memory')
+        return step
+
+    cpu = torch.device('cpu')
+    found = benchmark.largest_batch(make_step, cpu, max_batch_size=1024)
+    assert found['batch_size'] == 256 and sorted(found['search_img_s']) == [32, 64, 128, 256]
+    assert benchmark.largest_batch(make_step, cpu, max_batch_size=100)['batch_size'] == 64
+    with pytest.raises(RuntimeError, match='batch 32 does not fit'):
+        benchmark.largest_batch(lambda b: make_step(b * 16), cpu, max_batch_size=1024)
+
+
 def test_user_errors_are_clear():
     parser = benchmark.get_args_parser()
     args = parser.parse_args(['--model', 'deit_tiny_patch16_224', '--teacher-model', 'resnet10t', '--input-size',
