@@ -121,6 +121,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ============ machine and timing ============
 
+def _load_average() -> Optional[float]:
+    """Runnable processes over the last minute: other work on a shared machine slows every figure."""
+    return os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
+
+
 def machine_info(device: torch.device) -> Dict[str, Any]:
     """The machine a figure was measured on."""
     cpu = platform.processor() or platform.machine()
@@ -139,6 +144,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         'torchvision': torchvision.__version__,
         'timm': timm.__version__,
         'gpu': None,
+        'load_average_1min': _load_average(),
     }
     if device.type == 'cuda':
         props = torch.cuda.get_device_properties(device)
@@ -580,6 +586,7 @@ class Benchmark:
                 self.results[name] = {'error': f'{type(e).__name__}: {e}'}
                 print(f'{name} failed: {type(e).__name__}: {e}', flush=True)
             self.results.setdefault('seconds', {})[name] = time.perf_counter() - start
+            self.results['machine']['load_average_1min_end'] = _load_average()
             self.save()
         return failed
 
@@ -738,8 +745,8 @@ def print_table(results: Dict[str, Any]) -> None:
     """The figures of ``results`` as a plain-text table."""
     m = results['machine']
     print(f"\n{results['command']}")
-    print(f"machine: {m['cpu']} ({m['torch_threads']} torch threads), GPU: {m['gpu'] or 'none'}, "
-          f"torch {m['torch']}, timm {m['timm']}")
+    print(f"machine: {m['cpu']} ({m['torch_threads']} torch threads, load {_fmt(m['load_average_1min'])} at start), "
+          f"GPU: {m['gpu'] or 'none'}, torch {m['torch']}, timm {m['timm']}")
     if 'tflops' in results.get('matmul_peak', {}):
         p = results['matmul_peak']
         print(f"matmul peak ({p['dtype']}, {p['n']}^3): {p['tflops']:.2f} TFLOP/s")

@@ -116,7 +116,7 @@ def test_tiny_run_writes_every_figure(tmp_path, capsys):
 
     machine = r['machine']
     assert machine['torch'] == torch.__version__ and machine['cpu'] and machine['torch_threads'] == 1
-    assert 'gpu' in machine and 'timm' in machine
+    assert 'gpu' in machine and 'timm' in machine and machine['load_average_1min'] >= 0
     assert r['command'].startswith('benchmark.py --model deit_tiny_distilled_patch16_224')
     assert r['outputs']['max_abs_diff'] <= 1e-5
     assert r['matmul_peak']['tflops'] > 0
