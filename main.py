@@ -381,7 +381,7 @@ def load_finetune(model: nn.Module, path: str) -> None:
     """
     state_dict = dict(weights_of(utils.load_checkpoint(path)))
     own = model.state_dict()
-    classifier = model.pretrained_cfg.get('classifier', 'head')
+    classifier = getattr(model, 'pretrained_cfg', {}).get('classifier', 'head')
     prefixes = tuple(f'{c}.' for c in ((classifier,) if isinstance(classifier, str) else classifier))
     for key in list(state_dict):
         if key.startswith(prefixes) and key in own and state_dict[key].shape != own[key].shape:
@@ -445,7 +445,7 @@ def restore(path: str, model: nn.Module, model_ema: Optional[ModelEmaV3], **trai
             model_ema.set(model)
     if training_state and all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch')):
         for key, obj in training_state.items():
-            if key in checkpoint:
+            if checkpoint.get(key):  # a disabled GradScaler (CPU, bf16, float32) saved an empty state
                 obj.load_state_dict(checkpoint[key])
         result['start_epoch'] = checkpoint['epoch'] + 1
         result['max_accuracy'] = checkpoint.get('max_accuracy', -math.inf)
@@ -508,6 +508,8 @@ def main(args: argparse.Namespace) -> None:
     if args.model_ema:
         model_ema = ModelEmaV3(model_without_ddp, decay=args.model_ema_decay,
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    # The EMA is evaluated where it lives with the model (not with --model-ema-force-cpu on a GPU).
+    ema_on_device = model_ema is not None and next(model_ema.parameters()).device == next(model.parameters()).device
     if args.compile:
         model = torch.compile(model)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
@@ -516,7 +518,7 @@ def main(args: argparse.Namespace) -> None:
     # ============ evaluating only ============
     if args.eval:
         ema_loaded = restore(args.resume, model_without_ddp, model_ema)['ema_loaded'] if args.resume else False
-        evaluate_all(args, loader_val, model, model_ema if ema_loaded else None, device, amp_dtype)
+        evaluate_all(args, loader_val, model, model_ema if ema_loaded and ema_on_device else None, device, amp_dtype)
         return
 
     # ============ building the optimizer, schedule and loss ============
@@ -547,8 +549,6 @@ def main(args: argparse.Namespace) -> None:
         max_accuracy = state.get('max_accuracy', max_accuracy)
     if output_dir is not None and utils.is_main_process():
         (output_dir / 'args.json').write_text(json.dumps(vars(args), indent=2) + '\n')
-    # EMA accuracy is measured where the EMA lives with the model (not with --model-ema-force-cpu on a GPU).
-    ema_to_evaluate = model_ema if model_ema is not None and next(model_ema.parameters()).device == device else None
 
     # ============ training ============
     print(f'Start training for {num_epochs - args.start_epoch} epochs (epochs {args.start_epoch}..{num_epochs - 1})')
@@ -562,7 +562,7 @@ def main(args: argparse.Namespace) -> None:
             loader_train.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, scaler, amp_dtype,
                                       args.clip_grad or 0.0, model_ema, mixup_fn, set_training_mode=args.train_mode)
-        test_stats = evaluate_all(args, loader_val, model, ema_to_evaluate, device, amp_dtype)
+        test_stats = evaluate_all(args, loader_val, model, model_ema if ema_on_device else None, device, amp_dtype)
         lr_scheduler.step(epoch + 1, test_stats['test_acc1'])
         is_best = test_stats['test_acc1'] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats['test_acc1'])

@@ -1,7 +1,7 @@
 """main.py end to end: the commands a user runs, in a subprocess, on CPU; what they print and write.
 
 Most runs train deit_tiny_patch16_224 at 32 x 32 pixels (2 x 2 patches, the full 12 blocks) on the
-small JPEG folder of conftest.py: 120 training images, 13 validation images.
+small JPEG folder of conftest.py: 120 training images, 11 validation images.
 """
 import json
 import os
@@ -18,6 +18,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+import main
 import models  # noqa: F401  (registers the DeiT names for the timm.create_model calls below)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,17 +56,20 @@ def load(path: Path) -> Dict:
 
 # ============ quick start ============
 
-QUICK_START = ['--model', 'deit_tiny_patch16_224', '--data-set', 'DIGITS', '--input-size', '32', '--epochs', '30',
-               '--batch-size', '32', '--lr', '1e-2', '--warmup-epochs', '2', '--aa', 'none', '--mixup', '0', '--cutmix',
+# The README's quick start: 30 epochs reach 95.5% top-1 on the 355 validation images (about 2.5 minutes
+# on two free CPU cores). The test runs its first 10-epoch version (same flags, a 10-epoch schedule),
+# which reached 87.0% when measured: 80% is its bar.
+QUICK_START = ['--model', 'deit_tiny_patch16_224', '--data-set', 'DIGITS', '--input-size', '32', '--batch-size', '32',
+               '--lr', '5e-3', '--warmup-epochs', '2', '--drop-path', '0', '--aa', 'none', '--mixup', '0', '--cutmix',
                '0', '--reprob', '0', '--model-ema-decay', '0.99', '--num_workers', '0', '--device', 'cpu']
 
 
-def test_quick_start_reaches_the_readme_accuracy(tmp_path):
+def test_quick_start_learns_the_digits(tmp_path):
     out = tmp_path / 'quickstart'
-    proc = run_main(*QUICK_START, '--output_dir', str(out))
+    proc = run_main(*QUICK_START, '--epochs', '10', '--output_dir', str(out))
     logs = log_lines(out)
-    assert [entry['epoch'] for entry in logs] == list(range(30))
-    assert logs[-1]['test_acc1'] >= 90.0, [round(e['test_acc1'], 1) for e in logs]
+    assert [entry['epoch'] for entry in logs] == list(range(10))
+    assert logs[-1]['test_acc1'] >= 80.0, [round(e['test_acc1'], 1) for e in logs]
     assert 'Accuracy of the network on the 355 test images' in proc.stdout
     for key in ('train_lr', 'train_loss', 'test_loss', 'test_acc1', 'test_acc5', 'epoch', 'n_parameters',
                 'test_ema_acc1', 'test_ema_acc5', 'test_ema_loss'):
@@ -74,7 +78,7 @@ def test_quick_start_reaches_the_readme_accuracy(tmp_path):
     best = load(out / 'best_checkpoint.pth')
     assert best['max_accuracy'] == max(e['test_acc1'] for e in logs)
     assert logs[best['epoch']]['test_acc1'] == best['max_accuracy']
-    assert load(out / 'checkpoint.pth')['epoch'] == 29
+    assert load(out / 'checkpoint.pth')['epoch'] == 9
 
 
 # ============ resume ============
@@ -160,8 +164,8 @@ def test_eval_of_our_checkpoint_reports_the_model_and_its_ema(two_epochs, image_
     proc = run_main(*tiny_flags(image_folder, '--eval', '--resume', str(through / 'checkpoint.pth')))
     last = log_lines(through)[-1]
     assert acc_lines(proc.stdout) == [round(last['test_acc1'], 3), round(last['test_ema_acc1'], 3)]
-    assert f'Accuracy of the network on the 13 test images: {last["test_acc1"]:.1f}%' in proc.stdout
-    assert 'Accuracy of the model EMA on the 13 test images' in proc.stdout
+    assert f'Accuracy of the network on the 11 test images: {last["test_acc1"]:.1f}%' in proc.stdout
+    assert 'Accuracy of the model EMA on the 11 test images' in proc.stdout
 
 
 def test_eval_of_an_official_file_by_its_url(two_epochs, image_folder, torch_home):
@@ -183,37 +187,40 @@ def test_torchrun_two_processes_with_repeated_aug_and_dist_eval(image_folder, tm
     proc = run_main(*tiny_flags(image_folder, '--epochs', '1', '--dist-eval', '--no-model-ema', '--output_dir',
                                 str(out)), launcher=launcher)
     assert 'Training sampler: RASampler' in proc.stdout
-    assert 'do not split evenly over 2 processes' in proc.stdout  # 13 images: one padding sample
+    assert 'do not split evenly over 2 processes' in proc.stdout  # 11 images: one padding sample
     assert proc.stdout.count('Accuracy of the network') == 1  # printed by rank 0 only
     single = run_main(*tiny_flags(image_folder, '--eval', '--resume', str(out / 'checkpoint.pth')))
     assert acc_lines(proc.stdout) == acc_lines(single.stdout)[:1]
-    assert log_lines(out)[0]['test_n'] == 13
+    assert log_lines(out)[0]['test_n'] == 11
 
 
 # ============ distillation ============
 
 
-@pytest.mark.parametrize('distillation_type', ['hard', 'soft'])
-def test_distillation_follows_the_teacher(distillation_type, image_folder, tmp_path_factory):
+@pytest.mark.parametrize('distillation_type, answer', [('hard', 'bee'), ('soft', 'cat')])
+def test_distillation_follows_the_teacher(distillation_type, answer, image_folder, tmp_path_factory):
     """A distilled DeiT learns, through its distillation head, what a teacher trained by main.py says.
 
-    The teacher (a timm convnet) is trained by main.py, then its classifier is biased to always answer
-    'bee'. With --distillation-alpha 1 only the teacher supervises, so the distillation head ends up
-    answering 'bee' too: its accuracy is the share of bees among the validation images, 5 of 13.
+    The teacher (a timm convnet) is trained by main.py, then its classifier is biased to always give one
+    answer. With --distillation-alpha 1 only the teacher supervises, so the distillation head gives that
+    answer too: its accuracy is the share of that class among the validation images (bee 5, cat 2 of 11).
+    Both runs start from the same student, so a student that ignored its teacher would fail one of them.
     """
     teacher_dir = tmp_path_factory.getbasetemp() / 'teacher'
     if not (teacher_dir / 'checkpoint.pth').exists():
         run_main(*tiny_flags(image_folder, '--model', 'resnet10t', '--epochs', '1', '--no-model-ema',
                              '--output_dir', str(teacher_dir)))
-        checkpoint = load(teacher_dir / 'checkpoint.pth')
-        checkpoint['model']['fc.bias'] = torch.tensor([0.0, 1e4, 0.0])
-        torch.save(checkpoint, teacher_dir / 'bee.pth')
+    checkpoint = load(teacher_dir / 'checkpoint.pth')
+    label = checkpoint['classes'].index(answer)
+    checkpoint['model']['fc.bias'] = F.one_hot(torch.tensor(label), 3).float() * 1e4
+    torch.save(checkpoint, teacher_dir / f'{answer}.pth')
     out = tmp_path_factory.mktemp(distillation_type)
     run_main(*tiny_flags(image_folder, '--model', 'deit_tiny_distilled_patch16_224', '--teacher-model', 'resnet10t',
-                         '--teacher-path', str(teacher_dir / 'bee.pth'), '--distillation-type', distillation_type,
-                         '--distillation-alpha', '1.0', '--eval-head', 'dist', '--epochs', '2', '--warmup-epochs', '0',
+                         '--teacher-path', str(teacher_dir / f'{answer}.pth'), '--distillation-type', distillation_type,
+                         '--distillation-alpha', '1.0', '--eval-head', 'dist', '--epochs', '1', '--warmup-epochs', '0',
                          '--unscale-lr', '--lr', '1e-3', '--no-model-ema', '--output_dir', str(out)))
-    assert log_lines(out)[-1]['test_acc1'] == pytest.approx(100 * 5 / 13)
+    share = {'bee': 5, 'cat': 2}[answer] / 11
+    assert log_lines(out)[-1]['test_acc1'] == pytest.approx(100 * share)
 
 
 # ============ finetuning ============
@@ -248,3 +255,11 @@ def test_user_errors_end_with_one_line(argv, message, image_folder):
     proc = run_main(*tiny_flags(image_folder, *argv), check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count('\n') == 0 and message in proc.stderr, proc.stderr
+
+
+def test_help_lists_every_flag_and_prints_no_warning():
+    proc = run_main('--help')
+    assert proc.stderr == ''
+    for action in main.get_args_parser()._actions:
+        for option in action.option_strings:
+            assert option in proc.stdout, option

@@ -403,9 +403,9 @@ def test_seed_command_builds_its_model_and_data_pipeline(command, image_folder):
     main.check_args(args)
     args.distributed = False
     _, dataset_val, loader_train, loader_val, nb_classes = main.build_data(args, torch.device('cpu'))
-    assert nb_classes == 3 and len(dataset_val) == 13
+    assert nb_classes == 3 and len(dataset_val) == 11
     images, labels = next(iter(loader_val))
-    assert images.shape == (13, 3, args.input_size, args.input_size)
+    assert images.shape == (11, 3, args.input_size, args.input_size)
     if loader_train is not None:
         image, _ = loader_train.dataset[0]
         assert image.shape == (3, args.input_size, args.input_size)
