@@ -297,6 +297,7 @@ class TrainStep:
 
 def inference_step(model: nn.Module, batch_size: int, input_size: int, device: torch.device,
                    amp_dtype: Optional[torch.dtype]) -> Callable[[], None]:
+    """A function running one forward of ``model`` on a fixed random batch, without autograd."""
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
 
     def step() -> None:
@@ -314,8 +315,9 @@ def largest_batch(make_step: Callable[[int], Callable[[], None]], device: torch.
                   ) -> Dict[str, Any]:
     """The paper's protocol: the largest batch that fits, doubling from 32 until CUDA runs out of memory.
 
-    Every batch that fits is also timed once (after a warm-up call), so that the JSON shows
-    whether throughput still grew at the largest one.
+    Every batch that fits is also timed once (after a warm-up call, on the eager model even with
+    --compile, which would recompile for every new size), so that the JSON shows whether
+    throughput still grew at the largest one.
     """
     batch_size, fits, rates = 32, None, {}
     while batch_size <= max_batch_size:
