@@ -265,6 +265,9 @@ def check_args(args: argparse.Namespace) -> None:
         if args.distillation_type != 'none' and not args.teacher_path:
             raise ValueError(f'--distillation-type {args.distillation_type} needs --teacher-path: the weights of '
                              f'--teacher-model {args.teacher_model} trained on this dataset (file or https URL)')
+        if args.bce_loss and mixup_active(args) and args.smoothing > 0:
+            raise ValueError('--bce-loss binarises the mixed targets as the original, and label smoothing gives every '
+                             'class a share of them: add --smoothing 0 (DeiT III\'s setting) or drop --bce-loss')
         if mixup_active(args) and args.batch_size % 2:
             raise ValueError(f'mixup / cutmix pair up the images of a batch: use an even --batch-size '
                              f'(got {args.batch_size}), or --mixup 0 --cutmix 0')
@@ -413,9 +416,10 @@ def build_teacher(args: argparse.Namespace, nb_classes: int, device: torch.devic
 def base_criterion(args: argparse.Namespace) -> nn.Module:
     """The original's choice: soft-target CE under mixup / cutmix, label smoothing, plain CE, or BCE."""
     if args.bce_loss:
-        # timm's BCE one-hot encodes class indices itself (the original's BCEWithLogitsLoss only worked
-        # with mixup on); mixed targets arrive smoothed already, so it adds no smoothing to them.
-        return BinaryCrossEntropy(smoothing=0.0 if mixup_active(args) else args.smoothing)
+        # As the original (DeiT III): mixed targets are binarised, every class in the mix a positive
+        # (targets.gt(0.0)). Class indices (no mixup, where the original crashed) are one-hot encoded,
+        # with label smoothing.
+        return BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=0.0 if mixup_active(args) else None)
     if mixup_active(args):
         return SoftTargetCrossEntropy()
     if args.smoothing > 0:

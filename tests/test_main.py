@@ -103,6 +103,7 @@ def test_repeated_augmentation_is_on_when_distributed_unless_turned_off():
     (['--distillation-type', 'hard'], '--teacher-path'),
     (['--batch-size', '33'], 'even --batch-size'),
     (['--batch-size', '0'], '--batch-size'),
+    (['--bce-loss'], '--smoothing 0'),
 ])
 def test_bad_flag_combinations_are_refused_with_a_message(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -148,13 +149,13 @@ def test_criterion_is_chosen_as_the_original():
 @pytest.mark.parametrize('mixup', [True, False])
 def test_bce_loss_with_and_without_mixup(mixup):
     logits = torch.randn(4, 5)
-    labels = torch.tensor([0, 3, 1, 4])
     if mixup:
-        criterion = main.base_criterion(parse('--bce-loss'))
-        soft = torch.rand(4, 5)  # mixed, smoothed targets: used as they are (the original's BCEWithLogitsLoss)
-        expected = F.binary_cross_entropy_with_logits(logits, soft)
-        assert torch.allclose(criterion(logits, soft), expected)
+        criterion = main.base_criterion(parse('--bce-loss', '--smoothing', '0'))
+        mixed = torch.tensor([[0.7, 0.3, 0, 0, 0], [0, 1.0, 0, 0, 0], [0, 0, 0.2, 0, 0.8], [0.5, 0, 0, 0.5, 0]])
+        # The original binarises: each class in the mix is a positive.
+        assert torch.allclose(criterion(logits, mixed), F.binary_cross_entropy_with_logits(logits, (mixed > 0).float()))
     else:
+        labels = torch.tensor([0, 3, 1, 4])
         criterion = main.base_criterion(parse('--bce-loss', '--mixup', '0', '--cutmix', '0', '--smoothing', '0.1'))
         target = torch.full((4, 5), 0.1 / 5)
         target[torch.arange(4), labels] = 1 - 0.1 + 0.1 / 5
