@@ -352,6 +352,15 @@ def build_data(args: argparse.Namespace, device: torch.device
     return dataset_train, dataset_val, loader_train, loader_val, nb_classes
 
 
+def build_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """timm's optimizer factory at the scaled lr (args.actual_lr); the fused Adam / AdamW kernel on CUDA."""
+    fused = args.fused if args.fused is not None else device.type == 'cuda' and args.opt.lower() in ('adam', 'adamw')
+    kwargs = dict(optimizer_kwargs(args), lr=args.actual_lr)
+    if fused:
+        kwargs['fused'] = True
+    return create_optimizer_v2(model, **kwargs)
+
+
 def create_model(name: str, input_size: int, **kwargs: Any) -> nn.Module:
     """models.build_model, at ``input_size`` for models built for one input size (ViTs); convnets take any."""
     cfg = get_pretrained_cfg(name)
@@ -530,9 +539,7 @@ def main(args: argparse.Namespace) -> None:
     total_batch = args.batch_size * utils.get_world_size()
     print(f'base lr: {args.lr:.2e}  actual lr: {args.actual_lr:.2e}  (total batch {total_batch}, '
           f'{"--unscale-lr" if args.unscale_lr else "lr * total batch / 512"})')
-    fused = args.fused if args.fused is not None else device.type == 'cuda' and args.opt.lower() in ('adam', 'adamw')
-    optimizer = create_optimizer_v2(model_without_ddp, **dict(optimizer_kwargs(args), lr=args.actual_lr),
-                                    **({'fused': True} if fused else {}))
+    optimizer = build_optimizer(args, model_without_ddp, device)
     lr_scheduler, num_epochs = create_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     mixup_fn = None

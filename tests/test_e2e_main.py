@@ -197,8 +197,24 @@ def test_torchrun_two_processes_with_repeated_aug_and_dist_eval(image_folder, tm
 # ============ distillation ============
 
 
+@pytest.fixture(scope='module')
+def teacher_dir(image_folder, tmp_path_factory):
+    """A timm convnet trained by main.py: one epoch at the scaled lr, then one cooldown epoch at --min-lr."""
+    out = tmp_path_factory.mktemp('teacher')
+    run_main(*tiny_flags(image_folder, '--model', 'resnet10t', '--epochs', '1', '--cooldown-epochs', '1',
+                         '--warmup-epochs', '0', '--no-model-ema', '--output_dir', str(out)))
+    return out
+
+
+def test_cooldown_epochs_follow_the_schedule_at_min_lr(teacher_dir):
+    logs = log_lines(teacher_dir)
+    assert [entry['epoch'] for entry in logs] == [0, 1]
+    assert logs[0]['train_lr'] == pytest.approx(5e-3 * 16 / 512, rel=1e-9)  # epoch 0: the cosine's first value
+    assert logs[1]['train_lr'] == pytest.approx(1e-5, rel=1e-9)
+
+
 @pytest.mark.parametrize('distillation_type, answer', [('hard', 'bee'), ('soft', 'cat')])
-def test_distillation_follows_the_teacher(distillation_type, answer, image_folder, tmp_path_factory):
+def test_distillation_follows_the_teacher(distillation_type, answer, image_folder, teacher_dir, tmp_path_factory):
     """A distilled DeiT learns, through its distillation head, what a teacher trained by main.py says.
 
     The teacher (a timm convnet) is trained by main.py, then its classifier is biased to always give one
@@ -206,10 +222,6 @@ def test_distillation_follows_the_teacher(distillation_type, answer, image_folde
     answer too: its accuracy is the share of that class among the validation images (bee 5, cat 2 of 11).
     Both runs start from the same student, so a student that ignored its teacher would fail one of them.
     """
-    teacher_dir = tmp_path_factory.getbasetemp() / 'teacher'
-    if not (teacher_dir / 'checkpoint.pth').exists():
-        run_main(*tiny_flags(image_folder, '--model', 'resnet10t', '--epochs', '1', '--no-model-ema',
-                             '--output_dir', str(teacher_dir)))
     checkpoint = load(teacher_dir / 'checkpoint.pth')
     label = checkpoint['classes'].index(answer)
     checkpoint['model']['fc.bias'] = F.one_hot(torch.tensor(label), 3).float() * 1e4

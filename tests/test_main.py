@@ -162,6 +162,34 @@ def test_bce_loss_with_and_without_mixup(mixup):
         assert torch.allclose(criterion(logits, labels), F.binary_cross_entropy_with_logits(logits, target))
 
 
+def test_optimizer_gets_the_scaled_lr_and_fused_adamw_on_request():
+    model = tiny_deit(num_classes=3)
+    args = parse('--batch-size', '128')
+    args.actual_lr = main.scaled_lr(args)
+    optimizer = main.build_optimizer(args, model, torch.device('cpu'))
+    assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.defaults['fused']
+    assert all(group['lr'] == pytest.approx(5e-4 / 4) for group in optimizer.param_groups)
+    # timm's grouping: no weight decay on biases, norms, tokens and position embedding.
+    no_decay = next(g for g in optimizer.param_groups if g['weight_decay'] == 0)['params']
+    assert any(p is model.pos_embed for p in no_decay) and any(p is model.cls_token for p in no_decay)
+    args = parse('--fused')
+    args.actual_lr = 1e-3
+    assert main.build_optimizer(args, model, torch.device('cpu')).defaults['fused'] is True
+
+
+def test_channels_last_teacher_and_persistent_workers(tmp_path, image_folder):
+    teacher = timm.create_model('resnet10t', num_classes=3)
+    torch.save({'model': teacher.state_dict()}, tmp_path / 'teacher.pth')
+    args = parse('--teacher-model', 'resnet10t', '--teacher-path', str(tmp_path / 'teacher.pth'), '--channels-last')
+    loaded = main.build_teacher(args, 3, torch.device('cpu'))
+    assert loaded.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    args = parse('--data-set', 'FOLDER', '--data-path', str(image_folder), '--input-size', '32', '--num_workers', '1',
+                 '--persistent-workers')
+    args.distributed = False
+    _, _, loader_train, loader_val, _ = main.build_data(args, torch.device('cpu'))
+    assert loader_train.persistent_workers and loader_val.persistent_workers
+
+
 def test_create_model_sets_the_input_size_of_vits_only():
     vit = main.create_model('deit_tiny_patch16_224', 48, num_classes=3, depth=1)
     assert vit.patch_embed.img_size == (48, 48) and vit.pos_embed.shape[1] == 9 + 1
