@@ -190,6 +190,16 @@ def test_channels_last_teacher_and_persistent_workers(tmp_path, image_folder):
     assert loader_train.persistent_workers and loader_val.persistent_workers
 
 
+@pytest.mark.parametrize('flag, sampler', [([], 'RandomSampler'), (['--repeated-aug'], 'RASampler')])
+def test_repeated_augmentation_in_one_process_on_request(flag, sampler, image_folder):
+    args = parse('--data-set', 'FOLDER', '--data-path', str(image_folder), '--input-size', '32', '--num_workers', '0',
+                 *flag)
+    args.distributed = False
+    _, _, loader_train, loader_val, _ = main.build_data(args, torch.device('cpu'))
+    assert type(loader_train.sampler).__name__ == sampler
+    assert isinstance(loader_val.sampler, torch.utils.data.SequentialSampler)
+
+
 def test_create_model_sets_the_input_size_of_vits_only():
     vit = main.create_model('deit_tiny_patch16_224', 48, num_classes=3, depth=1)
     assert vit.patch_embed.img_size == (48, 48) and vit.pos_embed.shape[1] == 9 + 1
