@@ -3,7 +3,6 @@ import argparse
 import builtins
 import datetime
 import os
-import pickle
 import re
 import time
 import urllib.error
@@ -283,14 +282,16 @@ def load_checkpoint(path_or_url: str) -> Dict[str, Any]:
         name = os.path.basename(urllib.parse.urlparse(path_or_url).path)
         raise CheckpointError(f'cannot download {path_or_url} ({e.reason}); without network, copy {name} into '
                               f'{os.path.join(torch.hub.get_dir(), "checkpoints")}/, or give a local file') from None
-    except pickle.UnpicklingError as e:
-        # torch's message is a paragraph; its 'Unsupported global: GLOBAL x.y' part names the culprit.
-        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-        what = found[1] if found else 'objects'
-        raise CheckpointError(f'checkpoint {path_or_url} holds {what}, not only tensors and plain values, '
-                              'and is refused: unpickling it could run code (loaded with weights_only=True). '
-                              'Use files from sources you trust, saved as tensors and plain values') from None
-    except Exception as e:  # a truncated or foreign file can fail anywhere in the unpickler
-        reason = str(e).strip().split('. ')[0]
+    except Exception as e:  # a truncated, foreign or refused file can fail anywhere in the unpickler
+        message = str(e)
+        # torch's refusal is a paragraph; its 'Unsupported global: GLOBAL x.y' (or, for a module it blocks,
+        # 'unsupported GLOBAL x.y whose module x is blocked') part names the culprit.
+        refused = re.search(r'unsupported (?:global: )?GLOBAL (\S+)', message, re.IGNORECASE)
+        if refused:
+            raise CheckpointError(f'checkpoint {path_or_url} holds {refused[1]}, not only tensors and plain values, '
+                                  'and is refused: unpickling it could run code (loaded with weights_only=True). '
+                                  'Use files from sources you trust, saved as tensors and plain values') from None
+        found = re.search(r'WeightsUnpickler error:\s*(.+)', message)
+        reason = found[1] if found else message.strip().split('. ')[0]
         raise CheckpointError(f'checkpoint {path_or_url} is truncated or not a torch checkpoint '
-                              f'({type(e).__name__}: {reason})') from None
+                              f'({type(e).__name__}: {reason}): give a complete checkpoint file') from None
