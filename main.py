@@ -6,17 +6,24 @@
         --data-path /path/to/imagenet --output_dir /path/to/save
 
 See README.md for every flow; ``python main.py --help`` lists the flags with their defaults.
+
+Exit status: 0 done; 1 the run failed (a non-finite loss); 2 a user error (a bad flag, file, dataset or
+checkpoint), reported in one line unless --debug; 3 stopped by SIGTERM / SIGUSR1 after saving a checkpoint,
+from which the same command continues.
 """
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
 import random
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,18 +36,26 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 import models
 import utils
-from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset
-from engine import NonFiniteLossError, evaluate, train_one_epoch
+from datasets import DATA_SETS, INAT_CATEGORIES, CorruptImageError, build_dataset
+from engine import NonFiniteLossError, TrainingStopped, evaluate, train_one_epoch
 from losses import DISTILLATION_TYPES, DistillationLoss
 from samplers import RASampler
 
 # Schedulers whose length timm extends by --cooldown-epochs (the others have no end to cool down after).
 CYCLIC_SCHEDULERS = ('cosine', 'tanh', 'poly')
 SCHEDULERS = CYCLIC_SCHEDULERS + ('step', 'constant', 'plateau')
+
+# Exit statuses of `python main.py` (see the module docstring); 1 is also Python's for an uncaught exception.
+EXIT_FAILED, EXIT_USER_ERROR, EXIT_STOPPED = 1, 2, 3
+# What main() reports in one line: mistakes in flags, files, data or checkpoints (CheckpointError is a ValueError).
+USER_ERRORS = (ValueError, FileNotFoundError, CorruptImageError)
+# What schedulers send before they end a job (Slurm, Kubernetes, torchrun's agent: SIGTERM). SIGUSR2 stays
+# free for submitit's requeue.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -202,6 +217,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='where to write checkpoints and logs; a checkpoint.pth found there is resumed '
                             '(default: no output)')
     group.add_argument('--seed', default=0, type=int, help='random seed (default: %(default)s)')
+    group.add_argument('--debug', action='store_true',
+                       help='show the traceback of errors that are otherwise reported in one line (default: off)')
     group.add_argument('--resume', default='',
                        help='checkpoint (file or https URL) to resume training from, or to evaluate with --eval '
                             '(default: none)')
@@ -271,6 +288,49 @@ def check_args(args: argparse.Namespace) -> None:
         if mixup_active(args) and args.batch_size % 2:
             raise ValueError(f'mixup / cutmix pair up the images of a batch: use an even --batch-size '
                              f'(got {args.batch_size}), or --mixup 0 --cutmix 0')
+    check_models(args)
+
+
+def check_models(args: argparse.Namespace) -> None:
+    """Refuse an unknown --model or --teacher-model, an --input-size that the patches do not tile, or
+    distillation into a model without distillation token.
+
+    The models are built on the meta device: no memory, no weights, a fraction of a second, before any data.
+    """
+    distilling = not args.eval and args.distillation_type != 'none'
+    for flag, name in [('--model', args.model)] + [('--teacher-model', args.teacher_model)] * distilling:
+        try:
+            with torch.device('meta'):
+                model = create_model(name, args.input_size, num_classes=args.nb_classes or 1000)
+        except ValueError as e:
+            raise ValueError(f'{flag}: {e}') from None
+        patch_size = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+        if patch_size and any(args.input_size % p for p in patch_size):
+            p = patch_size[0]
+            raise ValueError(f'--input-size {args.input_size} is not a multiple of the patch size {p} of {flag} '
+                             f'{name}: use a multiple of it, e.g. {max(p, round(args.input_size / p) * p)}')
+        if flag == '--model' and distilling and not isinstance(model, models.DistilledVisionTransformer):
+            raise ValueError(f'--distillation-type {args.distillation_type} trains the distillation token, and '
+                             f'--model {name} has none: use a *_distilled_* model (e.g. '
+                             'deit_base_distilled_patch16_224) or --distillation-type none')
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse a missing checkpoint file or an --output_dir that cannot be written, before any data is read."""
+    teacher_path = args.teacher_path if not args.eval and args.distillation_type != 'none' else ''
+    for flag, path in (('--resume', args.resume), ('--finetune', args.finetune), ('--teacher-path', teacher_path)):
+        if path and not path.startswith(('https://', 'http://')) and not os.path.isfile(path):
+            raise utils.CheckpointError(f'{flag} {path}: no such file')
+    if args.output_dir and not args.eval:
+        existing = Path(args.output_dir).absolute()
+        while not existing.exists():  # the folder is made when training starts: its nearest existing parent
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ValueError(f'--output_dir {args.output_dir}: {existing} is a file, not a folder: choose another '
+                             '--output_dir')
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f'--output_dir {args.output_dir}: {existing} is not writable: choose another '
+                             '--output_dir, or make it writable')
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
@@ -332,7 +392,7 @@ def build_data(args: argparse.Namespace, device: torch.device
     else:
         sampler_val = SequentialSampler(dataset_val)
     loader_kwargs = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
-                         persistent_workers=args.persistent_workers)
+                         persistent_workers=args.persistent_workers, worker_init_fn=ignore_stop_signals)
     loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
                             drop_last=False, **loader_kwargs)
     if dataset_train is None:
@@ -374,14 +434,16 @@ def weights_of(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return checkpoint['model'] if 'model' in checkpoint else checkpoint
 
 
-def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str, strict: bool = True) -> Any:
-    """model.load_state_dict, with its error (missing keys, shape mismatches) as one line naming ``source``."""
+def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str, strict: bool = True,
+                 flag: str = '--model') -> Any:
+    """model.load_state_dict, with its error (missing keys, shape mismatches) as one line naming ``source``
+    and the flag (``flag``) that chose the model."""
     try:
         return model.load_state_dict(state_dict, strict=strict)
     except RuntimeError as e:
         problems = [line.strip()[:200] for line in str(e).splitlines()[1:] if line.strip()]
         raise ValueError(f'{source} does not fit {type(model).__name__} ({"; ".join(problems[:3])}): '
-                         'check --model, --input-size and --nb-classes') from None
+                         f'check {flag}, --input-size and --nb-classes') from None
 
 
 def load_finetune(model: nn.Module, path: str) -> None:
@@ -417,7 +479,8 @@ def train_attention_only(model: nn.Module, name: str) -> None:
 def build_teacher(args: argparse.Namespace, nb_classes: int, device: torch.device) -> nn.Module:
     """--teacher-model with the weights of --teacher-path, in eval mode on ``device``."""
     teacher = create_model(args.teacher_model, args.input_size, num_classes=nb_classes)
-    load_weights(teacher, weights_of(utils.load_checkpoint(args.teacher_path)), f'--teacher-path {args.teacher_path}')
+    load_weights(teacher, weights_of(utils.load_checkpoint(args.teacher_path)), f'--teacher-path {args.teacher_path}',
+                 flag='--teacher-model')
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     return teacher.to(device, memory_format=memory_format).eval()
 
@@ -446,7 +509,8 @@ def restore(path: str, model: nn.Module, model_ema: Optional[ModelEmaV3], **trai
             loaded only when the checkpoint is one of a training run (official files hold weights only).
 
     Returns:
-        {'ema_loaded': bool} plus, after a training checkpoint, 'start_epoch' and 'max_accuracy'.
+        {'ema_loaded': bool} plus, after a training checkpoint, 'start_epoch', 'start_step' (the step of
+        that epoch to continue at) and 'max_accuracy'.
     """
     checkpoint = utils.load_checkpoint(path)
     load_weights(model, weights_of(checkpoint), f'--resume {path}')
@@ -461,9 +525,128 @@ def restore(path: str, model: nn.Module, model_ema: Optional[ModelEmaV3], **trai
             if checkpoint.get(key):  # a disabled GradScaler (CPU, bf16, float32) saved an empty state
                 obj.load_state_dict(checkpoint[key])
         result['start_epoch'] = checkpoint['epoch'] + 1
+        result['start_step'] = checkpoint.get('resume_step', 0)  # a checkpoint written on a stop request
         result['max_accuracy'] = checkpoint.get('max_accuracy', -math.inf)
-        print(f'Resumed from {path}: epoch {checkpoint["epoch"]} done, continuing at epoch {result["start_epoch"]}')
+        print(f'Resumed from {path}: epoch {checkpoint["epoch"]} done, continuing at epoch {result["start_epoch"]}'
+              + (f', step {result["start_step"]}' if result['start_step'] else ''))
     return result
+
+
+def training_checkpoint(epoch: int, model: nn.Module, model_ema: Optional[ModelEmaV3], args: argparse.Namespace,
+                        max_accuracy: float, classes: List[str], **training_state: Any) -> Dict[str, Any]:
+    """What restore() resumes from: the weights, the state_dicts of ``training_state`` (optimizer,
+    lr_scheduler, scaler) by key, and ``epoch``, the last complete epoch."""
+    checkpoint = {'model': model.state_dict(), **{k: obj.state_dict() for k, obj in training_state.items()},
+                  'epoch': epoch, 'args': dict(vars(args)), 'max_accuracy': max_accuracy, 'classes': list(classes)}
+    if model_ema is not None:
+        checkpoint['model_ema'] = model_ema.module.state_dict()
+    return checkpoint
+
+
+def drop_log_lines_from(log: Path, epoch: int) -> None:
+    """Drop the lines of ``log`` (log.txt) of epochs >= ``epoch``, which this run trains again.
+
+    Each epoch's line is written before its checkpoint, so a kill between the two leaves the line of an
+    epoch that the resumed run trains and logs again; a line cut short by a kill goes too. Nothing is
+    rewritten when nothing is dropped, and the rewrite is atomic.
+    """
+    if not log.exists():
+        return
+
+    def kept(line: str) -> bool:
+        if not line.endswith('\n'):
+            return False
+        try:
+            return json.loads(line)['epoch'] < epoch
+        except (ValueError, KeyError, TypeError):  # not a line of this code's: not for it to judge
+            return True
+
+    lines = log.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if kept(line)]
+    if len(keep) < len(lines):
+        tmp = log.with_name(f'.{log.name}.tmp')
+        tmp.write_text(''.join(keep))
+        os.replace(tmp, log)
+        print(f'{log}: dropped {len(lines) - len(keep)} line(s) of epochs from {epoch} on, which this run trains again')
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SIGTERM / SIGUSR1 are for the training process, which ends its workers."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 turned into a request that the training loop polls (``stop.requested``).
+
+    Inside ``with StopRequest() as stop:`` the first such signal only records its name; the loop then
+    saves a checkpoint and main() raises TrainingStopped (exit status EXIT_STOPPED). The handler removes
+    itself, so that a second signal acts as without it: a second SIGTERM ends the process at once. Only
+    signals still at their default action are taken, so a launcher keeps its own handlers (submitit
+    ignores SIGTERM and requeues on SIGUSR2); the previous handlers come back on exit. Python runs signal
+    handlers in the main thread: from another thread nothing is installed.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> 'StopRequest':
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                if signal.getsignal(signum) == signal.SIG_DFL:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # Nothing printed here: the signal may have interrupted a print, and stdout is not reentrant.
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signum, self._previous[signum])
+
+    def requested(self) -> bool:
+        """Whether this process received a stop signal."""
+        return self.signal_name is not None
+
+    def agreed(self) -> bool:
+        """Whether any process received one: a collective call, made by every process."""
+        return utils.all_reduce_sum([float(self.requested())])[0] > 0
+
+    def report(self, stopped: TrainingStopped, num_steps: int, output_dir: Optional[Path]) -> None:
+        """Print where training stopped and what was saved, once every process is there (after the save)."""
+        if utils.is_dist_avail_and_initialized():
+            dist.barrier()
+        saved = (f'saved {output_dir / "checkpoint.pth"}, from which the same command continues'
+                 if output_dir is not None else 'nothing saved (no --output_dir)')
+        print(f'Stopped by {self.signal_name or "a stop request on another process"} at epoch {stopped.epoch}, '
+              f'step {stopped.step} of {num_steps}: {saved}')
+
+
+class _SkipFirst(Sampler):
+    """The indices of ``sampler`` after its first ``count``."""
+
+    def __init__(self, sampler: Sampler, count: int) -> None:
+        self.sampler = sampler
+        self.count = count
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.count, None)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.count, 0)
+
+
+def skip_batches(loader: DataLoader, num_batches: int) -> DataLoader:
+    """``loader`` without the first ``num_batches`` batches of its epoch: the rest of an epoch that a stop
+    interrupted. The sampler skips their indices, so no image of them is read; the order is the one that
+    the epoch's seed (and set_epoch) fixes, as for the interrupted run."""
+    return DataLoader(loader.dataset, sampler=_SkipFirst(loader.sampler, num_batches * loader.batch_size),
+                      batch_size=loader.batch_size, drop_last=loader.drop_last, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
+                      persistent_workers=loader.persistent_workers)
 
 
 def evaluate_all(args: argparse.Namespace, loader: DataLoader, model: nn.Module, model_ema: Optional[ModelEmaV3],
@@ -486,6 +669,7 @@ def evaluate_all(args: argparse.Namespace, loader: DataLoader, model: nn.Module,
 def main(args: argparse.Namespace) -> None:
     """Train, finetune or evaluate as the flags say (see get_args_parser)."""
     check_args(args)
+    check_paths(args)
     utils.init_distributed_mode(args)
     print(f'git revision: {git_revision()}')
     print('\n'.join(f'{k}: {v}' for k, v in sorted(vars(args).items())))
@@ -495,11 +679,9 @@ def main(args: argparse.Namespace) -> None:
     torch.backends.cudnn.benchmark = True
     amp_dtype = amp_dtype_of(args.precision, device)
     output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if not args.resume and (output_dir / 'checkpoint.pth').exists():
-            args.resume = str(output_dir / 'checkpoint.pth')
-            print(f'Found {args.resume}: resuming from it (pass --resume to choose another checkpoint)')
+    if output_dir is not None and not args.resume and (output_dir / 'checkpoint.pth').exists():
+        args.resume = str(output_dir / 'checkpoint.pth')
+        print(f'Found {args.resume}: resuming from it (pass --resume to choose another checkpoint)')
 
     # ============ preparing data ============
     dataset_train, dataset_val, loader_train, loader_val, nb_classes = build_data(args, device)
@@ -552,62 +734,106 @@ def main(args: argparse.Namespace) -> None:
                                  args.distillation_tau)
 
     # ============ resuming ============
-    max_accuracy = -math.inf
+    max_accuracy, start_step = -math.inf, 0
     if args.resume:
         state = restore(args.resume, model_without_ddp, model_ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
                         scaler=scaler)
         args.start_epoch = state.get('start_epoch', args.start_epoch)
+        start_step = state.get('start_step', 0)
         max_accuracy = state.get('max_accuracy', max_accuracy)
+    # Only now, with every input checked and loaded, does the output folder change.
     if output_dir is not None and utils.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / 'args.json').write_text(json.dumps(vars(args), indent=2) + '\n')
+        drop_log_lines_from(output_dir / 'log.txt', args.start_epoch)
+    training_state = dict(optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler)
 
     # ============ training ============
-    print(f'Start training for {num_epochs - args.start_epoch} epochs (epochs {args.start_epoch}..{num_epochs - 1})')
+    print(f'Start training for {num_epochs - args.start_epoch} epochs (epochs {args.start_epoch}..{num_epochs - 1})'
+          + (f', from step {start_step} of epoch {args.start_epoch}' if start_step else ''))
     start_time = time.time()
     # Epoch e trains with the schedule's value for e (the original stepped at the end of e, one epoch late).
     lr_scheduler.step(args.start_epoch)
-    for epoch in range(args.start_epoch, num_epochs):
-        # Re-seeded from (seed, rank, epoch): a resumed run draws what the uninterrupted run drew.
-        seed_everything(args.seed, utils.get_rank(), epoch)
-        if hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, scaler, amp_dtype,
-                                      args.clip_grad or 0.0, model_ema, mixup_fn, set_training_mode=args.train_mode)
-        test_stats = evaluate_all(args, loader_val, model, model_ema if ema_on_device else None, device, amp_dtype)
-        lr_scheduler.step(epoch + 1, test_stats['test_acc1'])
-        is_best = test_stats['test_acc1'] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats['test_acc1'])
-        print(f'Max accuracy: {max_accuracy:.2f}%')
+    with StopRequest() as stop:
+        for epoch in range(args.start_epoch, num_epochs):
+            # Re-seeded from (seed, rank, epoch): a resumed run draws what the uninterrupted run drew.
+            seed_everything(args.seed, utils.get_rank(), epoch)
+            if hasattr(loader_train.sampler, 'set_epoch'):
+                loader_train.sampler.set_epoch(epoch)
+            loader = skip_batches(loader_train, start_step) if start_step else loader_train
+            try:
+                train_stats = train_one_epoch(model, criterion, loader, optimizer, device, epoch, scaler, amp_dtype,
+                                              args.clip_grad or 0.0, model_ema, mixup_fn,
+                                              set_training_mode=args.train_mode, stop_requested=stop.requested)
+            except TrainingStopped as stopped:
+                stopped.step += start_step
+                if output_dir is not None:  # the state after the last applied step, and the step to go on at
+                    checkpoint = training_checkpoint(epoch - 1, model_without_ddp, model_ema, args, max_accuracy,
+                                                     dataset_train.classes, **training_state)
+                    checkpoint['resume_step'] = stopped.step
+                    utils.save_on_master(checkpoint, str(output_dir / 'checkpoint.pth'))
+                stop.report(stopped, len(loader_train), output_dir)
+                raise
+            start_step = 0
+            test_stats = evaluate_all(args, loader_val, model, model_ema if ema_on_device else None, device,
+                                      amp_dtype)
+            lr_scheduler.step(epoch + 1, test_stats['test_acc1'])
+            is_best = test_stats['test_acc1'] > max_accuracy
+            max_accuracy = max(max_accuracy, test_stats['test_acc1'])
+            print(f'Max accuracy: {max_accuracy:.2f}%')
 
-        if output_dir is not None:
-            checkpoint = {
-                'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
-                'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'scaler': scaler.state_dict(),
-                'args': dict(vars(args)), 'max_accuracy': max_accuracy, 'classes': list(dataset_train.classes),
-            }
-            if model_ema is not None:
-                checkpoint['model_ema'] = model_ema.module.state_dict()
-            utils.save_on_master(checkpoint, str(output_dir / 'checkpoint.pth'))
-            if is_best:
-                utils.save_on_master(checkpoint, str(output_dir / 'best_checkpoint.pth'))
-            log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, **test_stats,
-                         'epoch': epoch, 'n_parameters': n_parameters}
-            if utils.is_main_process():
-                with (output_dir / 'log.txt').open('a') as f:
-                    f.write(json.dumps(log_stats) + '\n')
+            if output_dir is not None:
+                log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, **test_stats,
+                             'epoch': epoch, 'n_parameters': n_parameters}
+                if utils.is_main_process():
+                    # Before the checkpoints: a kill in between leaves the line of an epoch that the resumed run
+                    # trains and logs again (drop_log_lines_from), never a resumed epoch without its line.
+                    with (output_dir / 'log.txt').open('a') as f:
+                        f.write(json.dumps(log_stats) + '\n')
+                checkpoint = training_checkpoint(epoch, model_without_ddp, model_ema, args, max_accuracy,
+                                                 dataset_train.classes, **training_state)
+                if is_best:  # before checkpoint.pth too: a resumed run would not save this best again
+                    utils.save_on_master(checkpoint, str(output_dir / 'best_checkpoint.pth'))
+                utils.save_on_master(checkpoint, str(output_dir / 'checkpoint.pth'))
+            if epoch + 1 < num_epochs and stop.agreed():
+                stopped = TrainingStopped(epoch + 1, 0)
+                stop.report(stopped, len(loader_train), output_dir)
+                raise stopped
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total_time}')
 
 
-if __name__ == '__main__':
-    cli = argparse.ArgumentParser('DeiT training and evaluation script', parents=[get_args_parser()])
-    cli_args = cli.parse_args()
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line; for an error that a DataLoader worker raised, the worker's
+    message without the worker's traceback that torch puts in front of it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith('Caught ') and any(line.startswith('Original Traceback') for line in lines):
+        return lines[-1].split(': ', 1)[-1]  # 'datasets.CorruptImageError: cannot read image ...'
+    return ' '.join(lines)
+
+
+def cli(argv: Optional[List[str]] = None) -> None:
+    """``python main.py``: parse the command line, run main(), exit with one of the EXIT_* statuses.
+
+    User errors and a diverged run end with one line on stderr (the traceback with --debug); any other
+    exception keeps its traceback.
+    """
+    parser = argparse.ArgumentParser('DeiT training and evaluation script', parents=[get_args_parser()])
+    args = parser.parse_args(argv)
     try:
-        main(cli_args)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
-        # User errors (and a diverged run) end with one line, not a traceback.
-        cli.exit(2 if not isinstance(e, NonFiniteLossError) else 1, f'{cli.prog}: error: {e}\n')
+        main(args)
+    except TrainingStopped as e:
+        parser.exit(EXIT_STOPPED, f'{parser.prog}: {e}\n')
+    except (*USER_ERRORS, NonFiniteLossError) as e:
+        if args.debug:
+            raise
+        status = EXIT_FAILED if isinstance(e, NonFiniteLossError) else EXIT_USER_ERROR
+        parser.exit(status, f'{parser.prog}: error: {one_line(e)}\n')
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    cli()

@@ -96,9 +96,10 @@ def two_epochs(image_folder, tmp_path_factory):
         resumed = tmp_path_factory.mktemp('resumed')
         proc = subprocess.Popen([sys.executable, str(ROOT / 'main.py'), *flags, '--output_dir', str(resumed)],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # The log line of epoch 0 follows its checkpoint: stop the run there, as a kill or a preemption would.
-        log = resumed / 'log.txt'
-        while proc.poll() is None and not (log.exists() and log.read_text().endswith('\n')):
+        # checkpoint.pth appears (renamed into place) once epoch 0 is saved: stop the run there, as a kill or a
+        # preemption would.
+        checkpoint = resumed / 'checkpoint.pth'
+        while proc.poll() is None and not checkpoint.exists():
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -262,7 +263,7 @@ def test_finetune_from_a_url_at_another_size_and_class_count(image_folder, torch
 
 @pytest.mark.parametrize('argv, message', [
     (['--resplit'], '--resplit applies to AugMix'),
-    (['--eval', '--resume', 'missing.pth'], 'checkpoint missing.pth: no such file'),
+    (['--eval', '--resume', 'missing.pth'], '--resume missing.pth: no such file'),
 ])
 def test_user_errors_end_with_one_line(argv, message, image_folder):
     proc = run_main(*tiny_flags(image_folder, *argv), check=False)

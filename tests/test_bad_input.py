@@ -1,0 +1,149 @@
+"""Every bad input ends with one line that says what to do, a non-zero exit status, no traceback (unless
+--debug), and the files already in --output_dir untouched.
+
+The table runs main.py's command line in this process (``main.cli``, what ``python main.py`` runs); two
+tests run ``python main.py`` itself for what only a real process shows (its exit status and stderr).
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+from conftest import FOLDER_CLASSES, write_image_folder
+
+import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ['--model', 'test_vit', '--input-size', '32', '--num_workers', '0', '--device', 'cpu', '--aa', 'none',
+        '--reprob', '0', '--batch-size', '32']
+DISTILLED = ['--model', 'deit_tiny_distilled_patch16_224', '--distillation-type', 'hard']
+UNREACHABLE = 'https://127.0.0.1:9/deit_tiny_patch16_224-a1311bcf.pth'  # a closed port: refused at once, offline
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """The runs below train in this process; one thread each is faster on a small, shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def snapshot(folder: Path) -> Dict[str, Tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.fixture(scope='module')
+def data(image_folder, tmp_path_factory):
+    """The folders and files of the table: a trained checkpoint, broken copies of it, broken data folders."""
+    tmp = tmp_path_factory.mktemp('bad_input')
+    trained = tmp / 'trained'
+    main.cli([*FAST, '--data-set', 'FOLDER', '--data-path', str(image_folder), '--epochs', '1',
+              '--output_dir', str(trained)])
+    checkpoint = trained / 'checkpoint.pth'
+    (tmp / 'cut.pth').write_bytes(checkpoint.read_bytes()[:100_000])
+    (tmp / 'garbage.pth').write_text('not a checkpoint\n' * 100)
+
+    empty = write_image_folder(tmp / 'empty', {'ant': (2, 1), 'bee': (2, 1)})
+    for split in ('train', 'val'):
+        (empty / split / 'cat').mkdir()
+    mismatch = write_image_folder(tmp / 'mismatch', {'ant': (2, 1), 'bee': (2, 1)})
+    shutil.move(str(mismatch / 'val' / 'bee'), str(mismatch / 'val' / 'cow'))
+    corrupt = write_image_folder(tmp / 'corrupt', FOLDER_CLASSES)
+    (corrupt / 'val' / 'bee' / '3.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a JPEG any more')
+    return SimpleNamespace(images=image_folder, checkpoint=checkpoint, log=trained / 'log.txt', tmp=tmp,
+                           cut=tmp / 'cut.pth', garbage=tmp / 'garbage.pth', empty=empty, mismatch=mismatch,
+                           corrupt=corrupt)
+
+
+def folder(path: Path, *extra: str) -> List[str]:
+    return [*FAST, '--data-set', 'FOLDER', '--data-path', str(path), *extra]
+
+
+# input -> (arguments, part of the message that says what is wrong and what to do). README's table.
+CASES = {
+    'missing data path': (lambda d, out: folder(d.tmp / 'nowhere'), 'is not a folder: the folder datasets expect'),
+    'empty class folders': (lambda d, out: folder(d.empty), 'without any image'),
+    'train/val class mismatch': (lambda d, out: folder(d.mismatch), 'both splits need the same class folders'),
+    'unknown --model': (lambda d, out: folder(d.images, '--model', 'deit_tiniest_patch16_224'),
+                        "Unknown model 'deit_tiniest_patch16_224'. DeiT models: deit_tiny_patch16_224"),
+    'unknown --teacher-model': (lambda d, out: folder(d.images, *DISTILLED, '--teacher-model', 'regnety_999',
+                                                 '--teacher-path', str(d.checkpoint)),
+                                "--teacher-model: Unknown model 'regnety_999'"),
+    'distillation without --teacher-path': (lambda d, out: folder(d.images, *DISTILLED),
+                                            'needs --teacher-path'),
+    'teacher file missing': (lambda d, out: folder(d.images, *DISTILLED, '--teacher-path', str(d.tmp / 'teacher.pth')),
+                             'teacher.pth: no such file'),
+    'teacher weights of another architecture': (
+        lambda d, out: folder(d.images, *DISTILLED, '--teacher-model', 'resnet10t', '--teacher-path',
+                              str(d.checkpoint)),
+        'does not fit ResNet'),
+    'distillation with a model without distillation token': (
+        lambda d, out: folder(d.images, '--distillation-type', 'soft', '--teacher-path', str(d.checkpoint)),
+        'use a *_distilled_* model'),
+    'truncated resume file': (lambda d, out: folder(d.images, '--resume', str(d.cut)), 'is truncated or not a torch'),
+    'corrupt resume file': (lambda d, out: folder(d.images, '--resume', str(d.garbage)), 'is truncated or not a torch'),
+    'resume file of another model': (lambda d, out: folder(d.images, '--model', 'deit_tiny_patch16_224', '--resume',
+                                                      str(d.checkpoint)), 'check --model, --input-size'),
+    'finetune URL unreachable offline': (lambda d, out: folder(d.images, '--finetune', UNREACHABLE),
+                                         'copy deit_tiny_patch16_224-a1311bcf.pth into'),
+    '--input-size not divisible by the patch size': (lambda d, out: folder(d.images, '--input-size', '40'),
+                                                     'not a multiple of the patch size 16'),
+    'batch size 0': (lambda d, out: folder(d.images, '--batch-size', '0'), '--batch-size and --epochs must be'),
+    'batch size < 0': (lambda d, out: folder(d.images, '--batch-size', '-8'), '--batch-size and --epochs must be'),
+    'unwritable --output_dir': (lambda d, out: folder(d.images, '--output_dir', str(out / 'log.txt' / 'run')),
+                                'is a file, not a folder: choose another --output_dir'),
+    'corrupt image in the data': (lambda d, out: folder(d.corrupt, '--epochs', '2', '--num_workers', '1'),
+                                  'replace or remove the file, or pass --skip-corrupt'),
+}
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_bad_input_ends_with_one_line_and_leaves_the_output_dir_alone(case, data, tmp_path, torch_home, capsys):
+    out = tmp_path / 'out'
+    out.mkdir()
+    for f in (data.checkpoint, data.log):
+        shutil.copy2(f, out)  # a run's files, as a user retrying in the same folder has them
+    before = snapshot(out)
+    argv, message = CASES[case]
+    argv = argv(data, out)
+    if '--output_dir' not in argv:
+        argv += ['--output_dir', str(out)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_status:
+        main.cli(argv)
+    err = capsys.readouterr().err
+    assert exit_status.value.code == main.EXIT_USER_ERROR, err
+    assert err.count('\n') == 1 and ': error: ' in err.split('\n')[0] and message in err, err
+    after = snapshot(out)
+    for name, content in before.items():
+        assert after[name] == content, f'{name} changed'
+    # Only a run that started training writes: its arguments.
+    assert set(after) - set(before) <= ({'args.json'} if case == 'corrupt image in the data' else set())
+
+
+def test_checks_come_before_the_output_dir_is_created(data, tmp_path, capsys):
+    out = tmp_path / 'new'
+    with pytest.raises(SystemExit):
+        main.cli(folder(data.tmp / 'nowhere', '--output_dir', str(out)))
+    with pytest.raises(SystemExit):
+        main.cli(folder(data.images, '--resume', str(data.cut), '--output_dir', str(out)))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('debug', [False, True])
+def test_python_main_py_prints_one_line_or_with_debug_the_traceback(debug, data):
+    argv = folder(data.images, '--input-size', '40', *(['--debug'] if debug else []))
+    proc = subprocess.run([sys.executable, str(ROOT / 'main.py'), *argv], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120)
+    if debug:
+        assert proc.returncode == 1 and 'Traceback (most recent call last)' in proc.stderr
+        assert proc.stderr.rstrip().splitlines()[-1].startswith('ValueError: --input-size 40 is not a multiple')
+    else:
+        assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and 'Traceback' not in proc.stderr
+        assert 'error: --input-size 40 is not a multiple of the patch size 16' in proc.stderr
