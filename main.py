@@ -16,6 +16,7 @@ import datetime
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -831,6 +832,15 @@ def cli(argv: Optional[List[str]] = None) -> None:
         status = EXIT_FAILED if isinstance(e, NonFiniteLossError) else EXIT_USER_ERROR
         parser.exit(status, f'{parser.prog}: error: {one_line(e)}\n')
     finally:
+        # DataLoader workers ignore SIGTERM (ignore_stop_signals), and multiprocessing's exit handler ends
+        # daemonic children with SIGTERM before joining them: the workers of a loader that an exception
+        # left behind (e.g. a corrupt image) would keep the process from ever exiting. End them here;
+        # torch's SIGCHLD handler would report that as a worker failure, so it goes first.
+        workers = [child for child in multiprocessing.active_children() if child.daemon]
+        if workers:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for worker in workers:
+                worker.kill()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
