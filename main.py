@@ -12,6 +12,7 @@ checkpoint), reported in one line unless --debug; 3 stopped by SIGTERM / SIGUSR1
 from which the same command continues.
 """
 import argparse
+import atexit
 import datetime
 import itertools
 import json
@@ -394,6 +395,9 @@ def build_data(args: argparse.Namespace, device: torch.device
         sampler_val = SequentialSampler(dataset_val)
     loader_kwargs = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
                          persistent_workers=args.persistent_workers, worker_init_fn=ignore_stop_signals)
+    if args.num_workers:
+        atexit.unregister(end_workers_at_exit)  # registered once, after multiprocessing's handler: runs before it
+        atexit.register(end_workers_at_exit)
     loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
                             drop_last=False, **loader_kwargs)
     if dataset_train is None:
@@ -575,6 +579,22 @@ def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn: SIGTERM / SIGUSR1 are for the training process, which ends its workers."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def end_workers_at_exit() -> None:
+    """atexit: kill the DataLoader workers still alive at exit, those of a loader that an exception left
+    behind (its iterator kept by the traceback, e.g. after a corrupt image).
+
+    They ignore SIGTERM (ignore_stop_signals), and so the terminate() with which multiprocessing's exit
+    handler, which runs after this one, ends daemonic children before joining them: the process would
+    never exit, whether it ran ``python main.py`` or called main() (run_with_submitit.py). torch's SIGCHLD
+    handler would report the kill as a worker failure, so it goes first.
+    """
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for worker in workers:
+            worker.kill()
 
 
 class StopRequest:
@@ -832,15 +852,6 @@ def cli(argv: Optional[List[str]] = None) -> None:
         status = EXIT_FAILED if isinstance(e, NonFiniteLossError) else EXIT_USER_ERROR
         parser.exit(status, f'{parser.prog}: error: {one_line(e)}\n')
     finally:
-        # DataLoader workers ignore SIGTERM (ignore_stop_signals), and multiprocessing's exit handler ends
-        # daemonic children with SIGTERM before joining them: the workers of a loader that an exception
-        # left behind (e.g. a corrupt image) would keep the process from ever exiting. End them here;
-        # torch's SIGCHLD handler would report that as a worker failure, so it goes first.
-        workers = [child for child in multiprocessing.active_children() if child.daemon]
-        if workers:
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            for worker in workers:
-                worker.kill()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

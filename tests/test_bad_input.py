@@ -147,3 +147,13 @@ def test_python_main_py_prints_one_line_or_with_debug_the_traceback(debug, data)
     else:
         assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and 'Traceback' not in proc.stderr
         assert 'error: --input-size 40 is not a multiple of the patch size 16' in proc.stderr
+
+
+def test_an_error_in_a_data_loader_worker_does_not_hang_the_exit(data):
+    """main() called as run_with_submitit.py calls it, its error left uncaught: the traceback keeps the
+    loader and its workers, which ignore SIGTERM, alive; they are ended at exit (the process hung there)."""
+    argv = folder(data.corrupt, '--epochs', '1', '--num_workers', '1')
+    code = f'import main; main.main(main.get_args_parser().parse_args({argv!r}))'
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120)
+    assert proc.returncode == 1 and 'CorruptImageError: cannot read image' in proc.stderr, proc.stderr[-2000:]
