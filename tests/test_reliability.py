@@ -132,7 +132,7 @@ def test_sigkill_at_random_moments_leaves_a_checkpoint_that_resumes_to_the_end(i
         in_write = False
         if mode == 'write':  # the next write after that moment
             in_write = wait_for(lambda: any(out.glob('.*.tmp')), process)
-            time.sleep(rng.uniform(0.0, SLOW_WRITE))
+            time.sleep(rng.uniform(0.0, SLOW_WRITE / 2))  # half: a loaded machine may sleep longer than asked
         if process.is_alive():
             in_write = in_write and any(out.glob('.*.tmp'))
             os.kill(process.pid, signal.SIGKILL)
@@ -384,7 +384,8 @@ def test_a_crafted_pickle_is_refused_on_every_load_path_and_never_runs(path, cra
         assert result['code'] == 2 and result['stderr'].count('\n') == 1, result
 
 
-# Where the code loads checkpoints; every call must pass weights_only=True.
+# The calls that unpickle checkpoints (torch.load, torch.hub.load_state_dict_from_url): all must pass
+# weights_only=True. Today utils.load_checkpoint is the only one; every other load goes through it.
 LOAD_CALLS = {'load', 'load_state_dict_from_url'}
 
 
@@ -398,5 +399,4 @@ def test_every_checkpoint_load_in_the_code_uses_weights_only():
                 safe = any(k.arg == 'weights_only' and isinstance(k.value, ast.Constant) and k.value.value is True
                            for k in node.keywords)
                 calls.append((source.name, node.lineno, safe))
-    assert {name for name, _, _ in calls} == {'utils.py'}, calls  # one loader; the others go through it
-    assert all(safe for _, _, safe in calls), calls
+    assert calls and all(safe for _, _, safe in calls), calls
