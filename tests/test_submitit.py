@@ -89,8 +89,11 @@ def test_preempted_job_requeues_and_resumes_from_its_checkpoint(tmp_path):
                 job_id = found[1]
                 break
         assert job_id is not None, 'the launcher did not submit a job'
-        log = Path(run_with_submitit.expand_job_id(str(output_dir), job_id)) / 'log.txt'
-        wait_until(lambda: log.exists() and bool(log.read_text().strip()), launcher)
+        # Epoch 0 done: main.py writes its log line, then checkpoint.pth; wait for both, so that the signal
+        # lands in epoch 1 and not in the middle of a checkpoint write.
+        out = Path(run_with_submitit.expand_job_id(str(output_dir), job_id))
+        wait_until(lambda: (out / 'checkpoint.pth').exists() and bool((out / 'log.txt').read_text().strip()),
+                   launcher)
         # Preempt during epoch 1 as Slurm does (`scancel --signal USR2`, submitit's SlurmJob._interrupt) and as
         # the local executor does at its time limit: the signal goes to every task. The local job's own
         # _interrupt() signals the controller process instead, which dies of it without requeuing.
