@@ -300,7 +300,8 @@ def check_models(args: argparse.Namespace) -> None:
     The models are built on the meta device: no memory, no weights, a fraction of a second, before any data.
     """
     distilling = not args.eval and args.distillation_type != 'none'
-    for flag, name in [('--model', args.model)] + [('--teacher-model', args.teacher_model)] * distilling:
+    names = [('--model', args.model)] + ([('--teacher-model', args.teacher_model)] if distilling else [])
+    for flag, name in names:
         try:
             with torch.device('meta'):
                 model = create_model(name, args.input_size, num_classes=args.nb_classes or 1000)
