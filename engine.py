@@ -219,3 +219,18 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, amp_
           f"loss {meters['loss'].global_avg:.3f}")
     return {'acc1': meters['acc1'].global_avg, 'acc5': meters['acc5'].global_avg,
             'loss': meters['loss'].global_avg, 'n': meters['acc1'].count}
+
+
+def evaluate_all(loader: Iterable, model: nn.Module, model_ema: Optional[nn.Module], device: torch.device,
+                 amp_dtype: Optional[torch.dtype], head: str = 'avg') -> Dict[str, float]:
+    """Evaluate ``model`` and, when given, its EMA (timm's ModelEmaV3: the weights in ``.module``); print the
+    original's accuracy lines; return their figures as 'test_*' and 'test_ema_*'."""
+    num_images = len(loader.dataset)
+    stats = evaluate(loader, model, device, amp_dtype, head=head)
+    print(f'Accuracy of the network on the {num_images} test images: {stats["acc1"]:.1f}%')
+    result = {f'test_{k}': v for k, v in stats.items()}
+    if model_ema is not None:
+        ema_stats = evaluate(loader, model_ema.module, device, amp_dtype, head=head)
+        print(f'Accuracy of the model EMA on the {num_images} test images: {ema_stats["acc1"]:.1f}%')
+        result.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+    return result

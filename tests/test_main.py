@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+import builders
+import checkpoints
 import main
 import models
 import utils
@@ -120,19 +122,19 @@ def test_odd_batch_is_fine_without_mixup_and_distillation_is_fine_in_eval():
 
 def test_lr_is_scaled_by_the_total_batch_and_the_base_lr_is_kept():
     args = parse('--batch-size', '256', '--lr', '1e-3')
-    assert main.scaled_lr(args) == pytest.approx(1e-3 * 256 / 512) and args.lr == 1e-3
-    assert main.scaled_lr(parse('--batch-size', '256', '--lr', '1e-3', '--unscale-lr')) == 1e-3
+    assert builders.scaled_lr(args) == pytest.approx(1e-3 * 256 / 512) and args.lr == 1e-3
+    assert builders.scaled_lr(parse('--batch-size', '256', '--lr', '1e-3', '--unscale-lr')) == 1e-3
 
 
 def test_precision_auto_is_fp16_on_cuda_and_off_on_cpu():
-    assert main.amp_dtype_of('auto', torch.device('cuda')) is torch.float16
-    assert main.amp_dtype_of('auto', torch.device('cpu')) is None
-    assert main.amp_dtype_of('bf16', torch.device('cpu')) is torch.bfloat16
+    assert builders.amp_dtype_of('auto', torch.device('cuda')) is torch.float16
+    assert builders.amp_dtype_of('auto', torch.device('cpu')) is None
+    assert builders.amp_dtype_of('bf16', torch.device('cpu')) is torch.bfloat16
 
 
 def test_seed_everything_gives_one_stream_per_seed_rank_epoch():
     def draws(*seeds):
-        main.seed_everything(*seeds)
+        builders.seed_everything(*seeds)
         return torch.rand(3).tolist(), np.random.rand(), __import__('random').random()
 
     assert draws(0, 0, 1) == draws(0, 0, 1)
@@ -140,23 +142,23 @@ def test_seed_everything_gives_one_stream_per_seed_rank_epoch():
 
 
 def test_criterion_is_chosen_as_the_original():
-    assert isinstance(main.base_criterion(parse()), SoftTargetCrossEntropy)
+    assert isinstance(builders.base_criterion(parse()), SoftTargetCrossEntropy)
     no_mix = ('--mixup', '0', '--cutmix', '0')
-    assert isinstance(main.base_criterion(parse(*no_mix)), LabelSmoothingCrossEntropy)
-    assert isinstance(main.base_criterion(parse(*no_mix, '--smoothing', '0')), torch.nn.CrossEntropyLoss)
+    assert isinstance(builders.base_criterion(parse(*no_mix)), LabelSmoothingCrossEntropy)
+    assert isinstance(builders.base_criterion(parse(*no_mix, '--smoothing', '0')), torch.nn.CrossEntropyLoss)
 
 
 @pytest.mark.parametrize('mixup', [True, False])
 def test_bce_loss_with_and_without_mixup(mixup):
     logits = torch.randn(4, 5)
     if mixup:
-        criterion = main.base_criterion(parse('--bce-loss', '--smoothing', '0'))
+        criterion = builders.base_criterion(parse('--bce-loss', '--smoothing', '0'))
         mixed = torch.tensor([[0.7, 0.3, 0, 0, 0], [0, 1.0, 0, 0, 0], [0, 0, 0.2, 0, 0.8], [0.5, 0, 0, 0.5, 0]])
         # The original binarises: each class in the mix is a positive.
         assert torch.allclose(criterion(logits, mixed), F.binary_cross_entropy_with_logits(logits, (mixed > 0).float()))
     else:
         labels = torch.tensor([0, 3, 1, 4])
-        criterion = main.base_criterion(parse('--bce-loss', '--mixup', '0', '--cutmix', '0', '--smoothing', '0.1'))
+        criterion = builders.base_criterion(parse('--bce-loss', '--mixup', '0', '--cutmix', '0', '--smoothing', '0.1'))
         target = torch.full((4, 5), 0.1 / 5)
         target[torch.arange(4), labels] = 1 - 0.1 + 0.1 / 5
         assert torch.allclose(criterion(logits, labels), F.binary_cross_entropy_with_logits(logits, target))
@@ -165,8 +167,8 @@ def test_bce_loss_with_and_without_mixup(mixup):
 def test_optimizer_gets_the_scaled_lr_and_fused_adamw_on_request():
     model = tiny_deit(num_classes=3)
     args = parse('--batch-size', '128')
-    args.actual_lr = main.scaled_lr(args)
-    optimizer = main.build_optimizer(args, model, torch.device('cpu'))
+    args.actual_lr = builders.scaled_lr(args)
+    optimizer = builders.build_optimizer(args, model, torch.device('cpu'))
     assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.defaults['fused']
     assert all(group['lr'] == pytest.approx(5e-4 / 4) for group in optimizer.param_groups)
     # timm's grouping: no weight decay on biases, norms, tokens and position embedding.
@@ -174,19 +176,19 @@ def test_optimizer_gets_the_scaled_lr_and_fused_adamw_on_request():
     assert any(p is model.pos_embed for p in no_decay) and any(p is model.cls_token for p in no_decay)
     args = parse('--fused')
     args.actual_lr = 1e-3
-    assert main.build_optimizer(args, model, torch.device('cpu')).defaults['fused'] is True
+    assert builders.build_optimizer(args, model, torch.device('cpu')).defaults['fused'] is True
 
 
 def test_channels_last_teacher_and_persistent_workers(tmp_path, image_folder):
     teacher = timm.create_model('resnet10t', num_classes=3)
     torch.save({'model': teacher.state_dict()}, tmp_path / 'teacher.pth')
     args = parse('--teacher-model', 'resnet10t', '--teacher-path', str(tmp_path / 'teacher.pth'), '--channels-last')
-    loaded = main.build_teacher(args, 3, torch.device('cpu'))
+    loaded = builders.build_teacher(args, 3, torch.device('cpu'))
     assert loaded.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
     args = parse('--data-set', 'FOLDER', '--data-path', str(image_folder), '--input-size', '32', '--num_workers', '1',
                  '--persistent-workers')
     args.distributed = False
-    _, _, loader_train, loader_val, _ = main.build_data(args, torch.device('cpu'))
+    _, _, loader_train, loader_val, _ = builders.build_data(args, torch.device('cpu'))
     assert loader_train.persistent_workers and loader_val.persistent_workers
 
 
@@ -195,30 +197,40 @@ def test_repeated_augmentation_in_one_process_on_request(flag, sampler, image_fo
     args = parse('--data-set', 'FOLDER', '--data-path', str(image_folder), '--input-size', '32', '--num_workers', '0',
                  *flag)
     args.distributed = False
-    _, _, loader_train, loader_val, _ = main.build_data(args, torch.device('cpu'))
+    _, _, loader_train, loader_val, _ = builders.build_data(args, torch.device('cpu'))
     assert type(loader_train.sampler).__name__ == sampler
     assert isinstance(loader_val.sampler, torch.utils.data.SequentialSampler)
 
 
 def test_create_model_sets_the_input_size_of_vits_only():
-    vit = main.create_model('deit_tiny_patch16_224', 48, num_classes=3, depth=1)
+    vit = builders.create_model('deit_tiny_patch16_224', 48, num_classes=3, depth=1)
     assert vit.patch_embed.img_size == (48, 48) and vit.pos_embed.shape[1] == 9 + 1
-    convnet = main.create_model('resnet10t', 48, num_classes=3)
+    convnet = builders.create_model('resnet10t', 48, num_classes=3)
     assert convnet(torch.randn(1, 3, 48, 48)).shape == (1, 3)
     with pytest.raises(ValueError, match='Unknown model'):
-        main.create_model('deit_enormous', 48)
+        builders.create_model('deit_enormous', 48)
 
 
-def test_attn_only_trains_attention_embeddings_tokens_and_heads():
+def test_attn_only_trains_what_the_original_trains():
+    """The original trains '.attn.' parameters, head and pos_embed; patch_embed, tokens and head_dist stay frozen."""
     model = tiny_deit('deit_tiny_distilled_patch16_224', num_classes=3)
-    main.train_attention_only(model, 'deit_tiny_distilled_patch16_224')
+    count = builders.train_attention_only(model, 'deit_tiny_distilled_patch16_224')
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {'cls_token', 'dist_token', 'pos_embed', 'patch_embed.proj.weight', 'patch_embed.proj.bias',
-                'head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'}
+    expected = {'pos_embed', 'head.weight', 'head.bias'}
     expected |= {f'blocks.{i}.attn.{m}.{p}' for i in range(2) for m in ('qkv', 'proj') for p in ('weight', 'bias')}
     assert trainable == expected
+    assert count == sum(p.numel() for n, p in model.named_parameters() if n in expected)
     with pytest.raises(ValueError, match='--attn-only'):
-        main.train_attention_only(timm.create_model('resnet10t'), 'resnet10t')
+        builders.train_attention_only(timm.create_model('resnet10t'), 'resnet10t')
+
+
+def test_attn_only_count_of_deit_small_distilled_is_the_originals():
+    """7.56M trainable parameters, as the original (ours used to train 8.24M: patch_embed, tokens, head_dist)."""
+    with torch.device('meta'):
+        model = timm.create_model('deit_small_distilled_patch16_224')
+    count = builders.train_attention_only(model, 'deit_small_distilled_patch16_224')
+    # 12 blocks x (qkv 384*1152 + 1152, proj 384*384 + 384) + head 384*1000 + 1000 + pos_embed 198*384
+    assert count == 12 * (384 * 1152 + 1152 + 384 * 384 + 384) + 384 * 1000 + 1000 + 198 * 384 == 7_557_352
 
 
 @pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'deit_tiny_distilled_patch16_224'])
@@ -228,7 +240,7 @@ def test_finetune_resizes_pos_embed_keeps_extra_tokens_and_drops_other_heads(nam
     torch.save({'model': source.state_dict()}, path)
     model = tiny_deit(name, num_classes=3, img_size=48)  # a 3 x 3 grid
     own_heads = {k: v.clone() for k, v in model.state_dict().items() if k.startswith('head')}
-    main.load_finetune(model, str(path))
+    checkpoints.load_finetune(model, str(path))
 
     extra = 2 if 'distilled' in name else 1
     pos = source.pos_embed.detach()
@@ -250,7 +262,7 @@ def test_finetune_keeps_heads_of_the_same_shape(tmp_path):
     source = tiny_deit(num_classes=3)
     torch.save({'model': source.state_dict()}, tmp_path / 'same.pth')
     model = tiny_deit(num_classes=3)
-    main.load_finetune(model, str(tmp_path / 'same.pth'))
+    checkpoints.load_finetune(model, str(tmp_path / 'same.pth'))
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
 
 
@@ -262,11 +274,11 @@ def test_teacher_accepts_official_files_and_our_checkpoints(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     for file in ('official.pth', 'checkpoint.pth'):
         args = parse('--teacher-model', 'resnet10t', '--teacher-path', str(tmp_path / file), '--input-size', '32')
-        loaded = main.build_teacher(args, 3, torch.device('cpu'))
+        loaded = builders.build_teacher(args, 3, torch.device('cpu'))
         assert not loaded.training and torch.equal(loaded(x), teacher.eval()(x))
     args = parse('--teacher-model', 'resnet18', '--teacher-path', str(tmp_path / 'official.pth'))
     with pytest.raises(ValueError, match='does not fit'):
-        main.build_teacher(args, 3, torch.device('cpu'))
+        builders.build_teacher(args, 3, torch.device('cpu'))
 
 
 # ============ checkpoint I/O ============
@@ -441,20 +453,20 @@ def test_seed_command_builds_its_model_and_data_pipeline(command, image_folder):
     assert args.distillation_type == 'none' or args.teacher_model == 'regnety_002'
     main.check_args(args)
     args.distributed = False
-    _, dataset_val, loader_train, loader_val, nb_classes = main.build_data(args, torch.device('cpu'))
+    _, dataset_val, loader_train, loader_val, nb_classes = builders.build_data(args, torch.device('cpu'))
     assert nb_classes == 3 and len(dataset_val) == 11
     images, labels = next(iter(loader_val))
     assert images.shape == (11, 3, args.input_size, args.input_size)
     if loader_train is not None:
         image, _ = loader_train.dataset[0]
         assert image.shape == (3, args.input_size, args.input_size)
-    model = main.create_model(args.model, args.input_size, num_classes=nb_classes, drop_rate=args.drop,
+    model = builders.create_model(args.model, args.input_size, num_classes=nb_classes, drop_rate=args.drop,
                               drop_path_rate=args.drop_path).eval()
     assert model.pos_embed.shape[1] == (args.input_size // 16) ** 2 + (2 if 'distilled' in args.model else 1)
     with torch.no_grad():
         assert model(images[:1]).shape == (1, 3)
     if args.distillation_type != 'none':
-        teacher = main.create_model(args.teacher_model, args.input_size, num_classes=nb_classes)
+        teacher = builders.create_model(args.teacher_model, args.input_size, num_classes=nb_classes)
         assert teacher.num_classes == 3
     if args.finetune or args.resume:
         assert (args.finetune or args.resume) in models.MODEL_URLS.values()

@@ -23,8 +23,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+import builders
+import checkpoints
 import main
 import models
+import stopping
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,10 +168,10 @@ def test_log_lines_of_epochs_trained_again_are_dropped(tmp_path):
     log = tmp_path / 'log.txt'
     lines = [json.dumps({'epoch': e, 'test_acc1': 10.0 * e}) + '\n' for e in range(4)]
     log.write_text(''.join(lines) + '{"epoch": 4, "test_')  # a kill in the middle of the last line
-    main.drop_log_lines_from(log, 2)
+    checkpoints.drop_log_lines_from(log, 2)
     assert log.read_text() == ''.join(lines[:2])
     before = log.stat().st_mtime_ns
-    main.drop_log_lines_from(log, 2)  # nothing to drop: the file is left alone
+    checkpoints.drop_log_lines_from(log, 2)  # nothing to drop: the file is left alone
     assert log.stat().st_mtime_ns == before
 
 
@@ -223,7 +226,7 @@ def test_stop_request_takes_only_signals_left_at_their_default():
         signal.signal(signal.SIGTERM, launcher)
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         signal.signal(signal.SIGUSR2, signal.SIG_DFL)
-        with main.StopRequest() as stop:
+        with stopping.StopRequest() as stop:
             assert signal.getsignal(signal.SIGTERM) is launcher
             assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
             assert not stop.requested()
@@ -246,17 +249,17 @@ class _WorkerSignals(torch.utils.data.Dataset):
 
 
 def test_data_loader_workers_leave_stop_signals_to_the_training_process():
-    loader = DataLoader(_WorkerSignals(), num_workers=1, worker_init_fn=main.ignore_stop_signals)
+    loader = DataLoader(_WorkerSignals(), num_workers=1, worker_init_fn=stopping.ignore_stop_signals)
     assert [int(v) for v in next(iter(loader))] == [1, 1]
 
 
 def test_skipping_batches_of_a_resumed_epoch_reads_the_rest_of_the_same_order():
     dataset = TensorDataset(torch.arange(50))
     loader = DataLoader(dataset, sampler=RandomSampler(dataset), batch_size=4, drop_last=True)
-    main.seed_everything(0, 0, 3)
+    builders.seed_everything(0, 0, 3)
     full = [batch[0].tolist() for batch in loader]
-    main.seed_everything(0, 0, 3)
-    rest = main.skip_batches(loader, 5)
+    builders.seed_everything(0, 0, 3)
+    rest = stopping.skip_batches(loader, 5)
     assert len(rest) == len(full) - 5
     assert [batch[0].tolist() for batch in rest] == full[5:]
 

@@ -1,0 +1,158 @@
+"""The objects of a run, built from main.py's flags: data loaders, model, teacher, optimizer, loss, mixup.
+
+main.py, benchmark.py and analyze.py build through these functions, so a model or a loader is the same
+whichever script made it.
+"""
+import argparse
+import atexit
+import random
+from typing import Any, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import get_pretrained_cfg
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+import models
+import utils
+from checkpoints import load_weights, weights_of
+from datasets import build_dataset
+from samplers import RASampler
+from stopping import end_workers_at_exit, ignore_stop_signals
+
+
+def seed_everything(*seeds: int) -> None:
+    """Seed torch, numpy and random from a tuple such as (seed, rank, epoch), each tuple its own stream."""
+    seed = int(np.random.SeedSequence(list(seeds)).generate_state(1)[0])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def amp_dtype_of(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """--precision as an autocast dtype; None is full precision. auto: fp16 on CUDA, as the original."""
+    if precision == 'auto':
+        precision = 'fp16' if device.type == 'cuda' else 'off'
+    return {'fp16': torch.float16, 'bf16': torch.bfloat16, 'off': None}[precision]
+
+
+def scaled_lr(args: argparse.Namespace) -> float:
+    """The learning rate the optimizer gets: --lr for a total batch of 512, scaled linearly (Goyal et al.)."""
+    if args.unscale_lr:
+        return args.lr
+    return args.lr * args.batch_size * utils.get_world_size() / 512.0
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def build_mixup(args: argparse.Namespace, nb_classes: int) -> Optional[Mixup]:
+    """timm's Mixup / CutMix with the flags' settings, or None when both are off."""
+    if not mixup_active(args):
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=nb_classes)
+
+
+def create_model(name: str, input_size: int, **kwargs: Any) -> nn.Module:
+    """models.build_model, at ``input_size`` for models built for one input size (ViTs); convnets take any."""
+    cfg = get_pretrained_cfg(name)
+    if name in models.DEIT_MODELS or (cfg is not None and cfg.fixed_input_size):
+        kwargs['img_size'] = input_size
+    return models.build_model(name, **kwargs)
+
+
+def build_data(args: argparse.Namespace, device: torch.device
+               ) -> Tuple[Optional[Dataset], Dataset, Optional[DataLoader], DataLoader, int]:
+    """Datasets and loaders (no training set with --eval) and the number of classes of the classifier."""
+    dataset_val, nb_classes = build_dataset(is_train=False, args=args)
+    dataset_train = None if args.eval else build_dataset(is_train=True, args=args)[0]
+    if args.nb_classes is not None and args.nb_classes < nb_classes:
+        raise ValueError(f'--nb-classes {args.nb_classes} is below the {nb_classes} classes of --data-set '
+                         f'{args.data_set}')
+    nb_classes = args.nb_classes or nb_classes
+
+    world_size, rank = utils.get_world_size(), utils.get_rank()
+    if args.distributed and args.dist_eval:
+        if len(dataset_val) % world_size:
+            print(f'Note: the {len(dataset_val)} evaluation images do not split evenly over {world_size} processes; '
+                  'the padding images of the sampler are not counted.')
+        sampler_val = DistributedSampler(dataset_val, num_replicas=world_size, rank=rank, shuffle=False)
+    else:
+        sampler_val = SequentialSampler(dataset_val)
+    loader_kwargs = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
+                         persistent_workers=args.persistent_workers, worker_init_fn=ignore_stop_signals)
+    if args.num_workers:
+        atexit.unregister(end_workers_at_exit)  # registered once, after multiprocessing's handler: runs before it
+        atexit.register(end_workers_at_exit)
+    loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
+                            drop_last=False, **loader_kwargs)
+    if dataset_train is None:
+        return None, dataset_val, None, loader_val, nb_classes
+
+    repeated_aug = args.distributed if args.repeated_aug is None else args.repeated_aug
+    if repeated_aug:
+        sampler_train = RASampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    elif args.distributed:
+        sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
+                                           seed=args.seed)
+    else:
+        sampler_train = RandomSampler(dataset_train)  # draws from torch's generator, which each epoch re-seeds
+    print(f'Training sampler: {type(sampler_train).__name__}')
+    loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size, drop_last=True,
+                              **loader_kwargs)
+    return dataset_train, dataset_val, loader_train, loader_val, nb_classes
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """timm's optimizer factory at the scaled lr (args.actual_lr); the fused Adam / AdamW kernel on CUDA."""
+    fused = args.fused if args.fused is not None else device.type == 'cuda' and args.opt.lower() in ('adam', 'adamw')
+    kwargs = dict(optimizer_kwargs(args), lr=args.actual_lr)
+    if fused:
+        kwargs['fused'] = True
+    return create_optimizer_v2(model, **kwargs)
+
+
+def train_attention_only(model: nn.Module, name: str) -> int:
+    """--attn-only: train what the original trains, the parameters with ``.attn.`` in their name, ``head`` and
+    ``pos_embed``, and freeze everything else: the patch embedding, the extra tokens, the MLPs, the norms and
+    ``head_dist`` (the original sets requires_grad on ``model.head`` only: 7.56M trainable parameters for
+    deit_small_distilled_patch16_224).
+
+    Returns:
+        The number of trainable parameters left.
+    """
+    if not any('.attn.' in n for n, _ in model.named_parameters()):
+        raise ValueError(f'--attn-only trains the attention layers, and --model {name} has none')
+    for n, p in model.named_parameters():
+        p.requires_grad = '.attn.' in n or n == 'pos_embed' or n.startswith('head.')
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_teacher(args: argparse.Namespace, nb_classes: int, device: torch.device) -> nn.Module:
+    """--teacher-model with the weights of --teacher-path, in eval mode on ``device``."""
+    teacher = create_model(args.teacher_model, args.input_size, num_classes=nb_classes)
+    load_weights(teacher, weights_of(utils.load_checkpoint(args.teacher_path)), f'--teacher-path {args.teacher_path}',
+                 flag='--teacher-model')
+    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    return teacher.to(device, memory_format=memory_format).eval()
+
+
+def base_criterion(args: argparse.Namespace) -> nn.Module:
+    """The original's choice: soft-target CE under mixup / cutmix, label smoothing, plain CE, or BCE."""
+    if args.bce_loss:
+        # As the original (DeiT III): mixed targets are binarised, every class in the mix a positive
+        # (targets.gt(0.0)). Class indices (no mixup, where the original crashed) are one-hot encoded,
+        # with label smoothing.
+        return BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=0.0 if mixup_active(args) else None)
+    if mixup_active(args):
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()

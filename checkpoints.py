@@ -1,0 +1,144 @@
+"""Checkpoints of a run: what main.py writes each epoch, and how it resumes, finetunes or evaluates from one.
+
+utils.save_on_master writes a file atomically and utils.load_checkpoint reads one with weights_only=True;
+this module decides what goes in (weights, optimizer, schedule, scaler, EMA, epoch, args as a dict) and
+puts it back into the objects of a run.
+"""
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from timm.utils import ModelEmaV3
+
+import models
+import utils
+
+
+def weights_of(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The model weights of an official file ({'model': ...}), a checkpoint of this codebase, or a bare state_dict."""
+    return checkpoint['model'] if 'model' in checkpoint else checkpoint
+
+
+def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str, strict: bool = True,
+                 flag: str = '--model') -> Any:
+    """model.load_state_dict, with its error (missing keys, shape mismatches) as one line naming ``source``
+    and the flag (``flag``) that chose the model."""
+    try:
+        return model.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as e:
+        problems = [line.strip()[:200] for line in str(e).splitlines()[1:] if line.strip()]
+        raise ValueError(f'{source} does not fit {type(model).__name__} ({"; ".join(problems[:3])}): '
+                         f'check {flag}, --input-size and --nb-classes') from None
+
+
+def load_finetune(model: nn.Module, path: str) -> None:
+    """Initialise ``model`` from a checkpoint for finetuning.
+
+    Classifier heads whose shape differs (another number of classes) are dropped, the patch part of
+    ``pos_embed`` is resized to the model's grid (models.interpolate_pos_embed), and the keys left
+    missing or unexpected are printed.
+    """
+    state_dict = dict(weights_of(utils.load_checkpoint(path)))
+    own = model.state_dict()
+    classifier = getattr(model, 'pretrained_cfg', {}).get('classifier', 'head')
+    prefixes = tuple(f'{c}.' for c in ((classifier,) if isinstance(classifier, str) else classifier))
+    for key in list(state_dict):
+        if key.startswith(prefixes) and key in own and state_dict[key].shape != own[key].shape:
+            print(f'Removing key {key} from pretrained checkpoint (shape {tuple(state_dict[key].shape)}, '
+                  f'the model has {tuple(own[key].shape)})')
+            del state_dict[key]
+    models.interpolate_pos_embed(model, state_dict)
+    result = load_weights(model, state_dict, f'--finetune {path}', strict=False)
+    print(f'Finetuning from {path}: missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}')
+
+
+def restore(path: str, model: nn.Module, model_ema: Optional[ModelEmaV3], **training_state: Any) -> Dict[str, Any]:
+    """Load weights from ``path``, and the training state too when the checkpoint holds one.
+
+    Args:
+        model: receives checkpoint['model'] (strict).
+        model_ema: receives checkpoint['model_ema'], else a copy of the loaded weights.
+        training_state: objects with load_state_dict, by checkpoint key (optimizer, lr_scheduler, scaler);
+            loaded only when the checkpoint is one of a training run (official files hold weights only).
+
+    Returns:
+        {'ema_loaded': bool} plus, after a training checkpoint, 'start_epoch', 'start_step' (the step of
+        that epoch to continue at) and 'max_accuracy'.
+    """
+    checkpoint = utils.load_checkpoint(path)
+    load_weights(model, weights_of(checkpoint), f'--resume {path}')
+    result: Dict[str, Any] = {'ema_loaded': 'model_ema' in checkpoint}
+    if model_ema is not None:
+        if 'model_ema' in checkpoint:
+            load_weights(model_ema.module, checkpoint['model_ema'], f'--resume {path} (model_ema)')
+        else:
+            model_ema.set(model)
+    if training_state and all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch')):
+        for key, obj in training_state.items():
+            if checkpoint.get(key):  # a disabled GradScaler (CPU, bf16, float32) saved an empty state
+                obj.load_state_dict(checkpoint[key])
+        result['start_epoch'] = checkpoint['epoch'] + 1
+        result['start_step'] = checkpoint.get('resume_step', 0)  # a checkpoint written on a stop request
+        result['max_accuracy'] = checkpoint.get('max_accuracy', -math.inf)
+        print(f'Resumed from {path}: epoch {checkpoint["epoch"]} done, continuing at epoch {result["start_epoch"]}'
+              + (f', step {result["start_step"]}' if result['start_step'] else ''))
+    return result
+
+
+def training_checkpoint(epoch: int, model: nn.Module, model_ema: Optional[ModelEmaV3], args: argparse.Namespace,
+                        max_accuracy: float, classes: List[str], **training_state: Any) -> Dict[str, Any]:
+    """What restore() resumes from: the weights, the state_dicts of ``training_state`` (optimizer,
+    lr_scheduler, scaler) by key, and ``epoch``, the last complete epoch."""
+    checkpoint = {'model': model.state_dict(), **{k: obj.state_dict() for k, obj in training_state.items()},
+                  'epoch': epoch, 'args': dict(vars(args)), 'max_accuracy': max_accuracy, 'classes': list(classes)}
+    if model_ema is not None:
+        checkpoint['model_ema'] = model_ema.module.state_dict()
+    return checkpoint
+
+
+def save_epoch(output_dir: Path, log_stats: Dict[str, Any], checkpoint: Dict[str, Any], is_best: bool) -> None:
+    """End of an epoch, on the master process: its line in log.txt, then best_checkpoint.pth when ``is_best``,
+    then checkpoint.pth.
+
+    The line goes first: a kill in between leaves the line of an epoch that the resumed run trains and logs
+    again (drop_log_lines_from), never a resumed epoch without its line. best_checkpoint.pth goes before
+    checkpoint.pth, since a run resumed from the latter would not save this best again.
+    """
+    if utils.is_main_process():
+        with (output_dir / 'log.txt').open('a') as f:
+            f.write(json.dumps(log_stats) + '\n')
+    if is_best:
+        utils.save_on_master(checkpoint, str(output_dir / 'best_checkpoint.pth'))
+    utils.save_on_master(checkpoint, str(output_dir / 'checkpoint.pth'))
+
+
+def drop_log_lines_from(log: Path, epoch: int) -> None:
+    """Drop the lines of ``log`` (log.txt) of epochs >= ``epoch``, which this run trains again.
+
+    Each epoch's line is written before its checkpoint, so a kill between the two leaves the line of an
+    epoch that the resumed run trains and logs again; a line cut short by a kill goes too. Nothing is
+    rewritten when nothing is dropped, and the rewrite is atomic.
+    """
+    if not log.exists():
+        return
+
+    def kept(line: str) -> bool:
+        if not line.endswith('\n'):
+            return False
+        try:
+            return json.loads(line)['epoch'] < epoch
+        except (ValueError, KeyError, TypeError):  # not a line of this code's: not for it to judge
+            return True
+
+    lines = log.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if kept(line)]
+    if len(keep) < len(lines):
+        tmp = log.with_name(f'.{log.name}.tmp')
+        tmp.write_text(''.join(keep))
+        os.replace(tmp, log)
+        print(f'{log}: dropped {len(lines) - len(keep)} line(s) of epochs from {epoch} on, which this run trains again')
