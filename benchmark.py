@@ -15,7 +15,8 @@ For one model name this measures, on CPU or CUDA:
     --workers workers (pinned memory and persistent workers against their alternatives).
 
 Every figure goes to a table on stdout and to the --json file, rewritten after each part so that a
-killed run keeps what it measured.
+killed run keeps what it measured. The measurements themselves are in measure.py; this file chooses
+the parts, runs them and reports. Each timed repeat prints a progress line with its ETA first.
 
     python benchmark.py --model deit_tiny_patch16_224 --device cpu --threads 2 --batch-size 32
     python benchmark.py --model deit_base_distilled_patch16_224 --teacher-model regnety_160
@@ -23,41 +24,22 @@ killed run keeps what it measured.
 import argparse
 import ast
 import copy
-import gc
-import glob
 import json
-import math
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
-from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
-import numpy as np
-import timm
 import torch
 import torch.nn as nn
-import torchvision
-from PIL import Image
-from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
-from timm.optim import create_optimizer_v2
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode
 
-import datasets
-import main
+import measure
 import models
-from losses import DistillationLoss
 
 PARTS = ('flops', 'inference', 'train', 'teacher', 'options', 'data')
 AMP_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-# ImageNet's training JPEGs average about 110 kB at about 470x390 pixels; 500x375 is a common size.
-JPEG_SIZE = (500, 375)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -119,249 +101,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ============ machine and timing ============
-
-def _load_average() -> Optional[float]:
-    """Runnable processes over the last minute: other work on a shared machine slows every figure."""
-    return os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
-
-
-def machine_info(device: torch.device) -> Dict[str, Any]:
-    """The machine a figure was measured on."""
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists('/proc/cpuinfo'):
-        with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-        cpu = names[0] if names else cpu
-    info = {
-        'cpu': cpu,
-        'cpu_count': os.cpu_count(),
-        'cpu_affinity': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
-        'torch_threads': torch.get_num_threads(),
-        'python': platform.python_version(),
-        'platform': platform.platform(),
-        'torch': torch.__version__,
-        'torchvision': torchvision.__version__,
-        'timm': timm.__version__,
-        'gpu': None,
-        'load_average_1min': _load_average(),
-    }
-    if device.type == 'cuda':
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    return info
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def _time_block(fn: Callable[[], Any], iters: int, device: torch.device) -> float:
-    """Seconds per call of ``iters`` consecutive calls."""
-    if device.type == 'cuda':
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000 / iters
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - start) / iters
-
-
-def time_interleaved(fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int,
-                     min_time: float) -> Dict[str, Dict[str, Any]]:
-    """Time several functions in interleaved repeats, so that a slow spell of a shared machine hits all.
-
-    Each function is warmed up, then called for about ``min_time / 2`` seconds to learn how many
-    calls fill ``min_time``; then every repeat runs each function in turn for that many calls.
-    Returns per function the median seconds per call, the repeats and the calls per repeat.
-    """
-    iters = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        calls, elapsed = 0, 0.0
-        while elapsed < min_time / 2:
-            elapsed += _time_block(fn, 1, device)
-            calls += 1
-        iters[name] = max(1, math.ceil(min_time * calls / max(elapsed, 1e-9)))
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_time_block(fn, iters[name], device))
-    return {name: {'seconds': statistics.median(t), 'repeats': t, 'iters_per_repeat': iters[name]}
-            for name, t in times.items()}
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int, min_time: float) -> Dict[str, Any]:
-    """FLOP/s of a large square matrix product: the roof against which MFU is measured."""
-    n = 8192 if device.type == 'cuda' else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t = time_interleaved({'mm': lambda: torch.mm(a, b)}, device, 3, repeats, min_time)['mm']['seconds']
-    return {'dtype': str(dtype).replace('torch.', ''), 'n': n, 'tflops': 2 * n**3 / t / 1e12}
-
-
-# ============ FLOP counting ============
-
-def count_flops(model: nn.Module, input_size: int, train: bool = False, teacher: Optional[nn.Module] = None) -> int:
-    """FLOPs (a multiply-add counts 2) per image of inference, or of a training step's forward + backward.
-
-    With ``teacher`` the step includes the teacher's forward (hard distillation). The count runs on
-    copies on the meta device, where scaled_dot_product_attention decomposes into the matrix
-    products it stands for, so attention is counted exactly and no compute is spent. On a real
-    device FlopCounterMode does not know CPU's fused attention kernel (DeiT-Ti would come out 14%
-    short), and for CUDA's it counts the recomputation inside the fused backward, which is work of
-    the kernel, not of the model.
-    """
-    meta = torch.device('meta')
-    model = copy.deepcopy(model).to(meta).train(train)
-    x = torch.randn(1, 3, input_size, input_size, device=meta)
-    with FlopCounterMode(display=False) as counter:
-        if train:
-            teacher = copy.deepcopy(teacher).to(meta) if teacher is not None else None
-            criterion = DistillationLoss(nn.CrossEntropyLoss(), teacher, 'none' if teacher is None else 'hard', .5, 1.)
-            criterion(x, model(x), torch.zeros(1, dtype=torch.long, device=meta)).backward()
-        else:
-            with torch.no_grad():
-                model(x)
-    return counter.get_total_flops()
-
-
-# ============ models and steps ============
-
-def timm_reference(model: nn.Module, drop_path_rate: float = 0.0) -> nn.Module:
-    """timm's own DeiT class with ``model``'s configuration, holding a copy of its weights.
-
-    The state_dict is loaded with strict=True, so this also checks that ours has timm's layout.
-    """
-    distilled = isinstance(model, models.DistilledVisionTransformer)
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f'{type(model).__name__} is no ViT: timm has no DeiT reference for it.')
-    block = model.blocks[0]
-    cfg = dict(
-        img_size=model.patch_embed.img_size, patch_size=model.patch_embed.patch_size, embed_dim=model.embed_dim,
-        depth=len(model.blocks), num_heads=block.attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, qkv_bias=block.attn.qkv.bias is not None,
-        norm_layer=partial(nn.LayerNorm, eps=block.norm1.eps), num_classes=model.num_classes,
-        drop_path_rate=drop_path_rate)
-    reference = (VisionTransformerDistilled if distilled else VisionTransformer)(**cfg)
-    reference.load_state_dict(model.state_dict(), strict=True)
-    if distilled:
-        reference.set_distilled_training(True)  # (class, dist) logits in training, as ours
-    return reference.to(next(model.parameters()).device)
-
-
-def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-
-
-class TrainStep:
-    """One training step: forward, loss (with the teacher if the criterion has one), backward, AdamW.
-
-    The optimizer is timm's AdamW with the recipe's settings; ``fused`` selects torch's fused kernel.
-    """
-
-    def __init__(self, model: nn.Module, criterion: nn.Module, batch_size: int, input_size: int, num_classes: int,
-                 device: torch.device, amp_dtype: Optional[torch.dtype], fused: bool) -> None:
-        self.model, self.criterion, self.device, self.amp_dtype = model, criterion, device, amp_dtype
-        self.x = torch.randn(batch_size, 3, input_size, input_size, device=device)
-        self.y = torch.randint(0, num_classes, (batch_size,), device=device)
-        self.optimizer = create_optimizer_v2(model, 'adamw', lr=5e-4, weight_decay=0.05,
-                                             **({'fused': True} if fused else {}))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    def loss(self) -> torch.Tensor:
-        with _autocast(self.device, self.amp_dtype):
-            return self.criterion(self.x, self.model(self.x), self.y)
-
-    def __call__(self) -> None:
-        loss = self.loss()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-
-    def release(self) -> None:
-        """Free the optimizer state and the gradients (before a larger batch is tried)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer.state.clear()
-
-
-def inference_step(model: nn.Module, batch_size: int, input_size: int, device: torch.device,
-                   amp_dtype: Optional[torch.dtype]) -> Callable[[], None]:
-    """A function running one forward of ``model`` on a fixed random batch, without autograd."""
-    x = torch.randn(batch_size, 3, input_size, input_size, device=device)
-
-    def step() -> None:
-        with torch.inference_mode(), _autocast(device, amp_dtype):
-            model(x)
-    return step
-
-
-def _free_cuda() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-def largest_batch(make_step: Callable[[int], Callable[[], None]], device: torch.device, max_batch_size: int
-                  ) -> Dict[str, Any]:
-    """The paper's protocol: the largest batch that fits, doubling from 32 until CUDA runs out of memory.
-
-    Every batch that fits is also timed once (after a warm-up call, on the eager model even with
-    --compile, which would recompile for every new size), so that the JSON shows whether
-    throughput still grew at the largest one.
-    """
-    batch_size, fits, rates = 32, None, {}
-    while batch_size <= max_batch_size:
-        step = None
+def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
+    """['depth=2', 'embed_dim=48'] -> {'depth': 2, 'embed_dim': 48}; values are Python literals."""
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise ValueError(f"--model-kwargs takes KEY=VALUE items, got '{item}'.")
         try:
-            step = make_step(batch_size)
-            step()
-            rates[batch_size] = batch_size / _time_block(step, 2, device)
-            fits = batch_size
-        except torch.OutOfMemoryError:
-            break
-        finally:
-            if isinstance(step, TrainStep):
-                step.release()
-            del step
-            _free_cuda()
-        batch_size *= 2
-    if fits is None:
-        raise RuntimeError('even batch 32 does not fit in GPU memory; give a smaller --batch-size')
-    return {'batch_size': fits, 'search_img_s': rates}
-
-
-def peak_memory_gib(step: Callable[[], None], modules: Sequence[nn.Module], device: torch.device
-                    ) -> Optional[float]:
-    """Peak memory of one call of ``step``, counting the parameters of ``modules`` (CUDA only; None on CPU).
-
-    What other models hold (the second implementation, its optimizer state) is not counted: the
-    figure is the memory this computation needs on its own.
-    """
-    if device.type != 'cuda':
-        return None
-    _sync(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    _sync(device)
-    params = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-    return (torch.cuda.max_memory_allocated(device) - before + params) / 2**30
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
 
 
 # ============ the benchmark ============
 
 class Benchmark:
-    """Holds the models, the configuration and the results; each public method measures one part."""
+    """Holds the models, the configuration and the results; each ``measure_*`` method measures one part."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -376,8 +133,14 @@ class Benchmark:
         self.results: Dict[str, Any] = {
             'command': ' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
             'args': dict(vars(args)),
-            'machine': machine_info(self.device),
+            'machine': measure.machine_info(self.device),
         }
+        self._build_models()
+        self.teacher = self._build_teacher()
+
+    def _build_models(self) -> None:
+        """Our model, timm's reference with our weights, and their compiled versions with --compile."""
+        args = self.args
         kwargs = dict(num_classes=args.nb_classes, drop_path_rate=args.drop_path)
         kwargs.update(parse_model_kwargs(args.model_kwargs))
         if args.input_size is not None:
@@ -386,22 +149,23 @@ class Benchmark:
         self.input_size = args.input_size or self.ours.pretrained_cfg['input_size'][-1]
         self.models = {'ours': self.ours}
         if isinstance(self.ours, VisionTransformer) and not args.skip_timm:
-            self.models['timm'] = timm_reference(self.ours, args.drop_path)
+            self.models['timm'] = measure.timm_reference(self.ours, args.drop_path)
+        reference = self.models.get('timm')
         self.results['model'] = {
             'name': args.model, 'kwargs': kwargs, 'input_size': self.input_size,
             'params': sum(p.numel() for p in self.ours.parameters()),
-            'timm_reference': type(self.models['timm']).__module__ + '.' + type(self.models['timm']).__name__
-            if 'timm' in self.models else None,
+            'timm_reference': None if reference is None else f'{type(reference).__module__}.{type(reference).__name__}',
         }
         self.compiled = {name: torch.compile(m) for name, m in self.models.items()} if args.compile else self.models
-        self.teacher = None
-        if args.teacher_model:
-            if not isinstance(self.ours, models.DistilledVisionTransformer):
-                raise ValueError(f'--teacher-model needs a distilled student (a *_distilled_* model), '
-                                 f'not {args.model}.')
-            self.teacher = models.build_model(args.teacher_model, num_classes=args.nb_classes).to(self.device).eval()
-            if args.channels_last:
-                self.teacher = self.teacher.to(memory_format=torch.channels_last)
+
+    def _build_teacher(self) -> Optional[nn.Module]:
+        args = self.args
+        if not args.teacher_model:
+            return None
+        if not isinstance(self.ours, models.DistilledVisionTransformer):
+            raise ValueError(f'--teacher-model needs a distilled student (a *_distilled_* model), not {args.model}.')
+        teacher = models.build_model(args.teacher_model, num_classes=args.nb_classes).to(self.device).eval()
+        return teacher.to(memory_format=torch.channels_last) if args.channels_last else teacher
 
     # ---------- helpers ----------
     def save(self) -> None:
@@ -413,46 +177,40 @@ class Benchmark:
             json.dump(self.results, f, indent=2, default=str)
         os.replace(tmp, self.args.json)
 
-    def _time(self, fns: Dict[str, Callable[[], Any]]) -> Dict[str, Dict[str, Any]]:
+    def _time(self, fns: Dict[str, Callable[[], Any]], header: str) -> Dict[str, Dict[str, Any]]:
         a = self.args
-        return time_interleaved(fns, self.device, a.warmup, a.repeats, a.min_time)
-
-    def _criterion(self, teacher: Optional[nn.Module]) -> nn.Module:
-        return DistillationLoss(nn.CrossEntropyLoss(), teacher, 'hard' if teacher is not None else 'none', 0.5, 1.0)
+        return measure.time_interleaved(fns, self.device, a.warmup, a.repeats, a.min_time, header)
 
     def _train_step(self, model: nn.Module, batch_size: int, teacher: Optional[nn.Module] = None,
-                    fused: Optional[bool] = None) -> TrainStep:
+                    fused: Optional[bool] = None) -> measure.TrainStep:
         model.train()
         # main.py's choice: fused AdamW on CUDA
         fused = self.device.type == 'cuda' if fused is None else fused
-        return TrainStep(model, self._criterion(teacher), batch_size, self.input_size, self.args.nb_classes,
-                         self.device, self.amp_dtype, fused)
+        return measure.TrainStep(model, measure.distillation_criterion(teacher), batch_size, self.input_size,
+                                 self.args.nb_classes, self.device, self.amp_dtype, fused)
+
+    def _inference_step(self, model: nn.Module, batch_size: int) -> Callable[[], None]:
+        return measure.inference_step(model, batch_size, self.input_size, self.device, self.amp_dtype)
 
     def _batch(self, make_step: Callable[[int], Callable[[], None]]) -> Dict[str, Any]:
         if self.args.batch_size is not None:
             return {'batch_size': self.args.batch_size}
         if self.device.type != 'cuda':
             return {'batch_size': 32}
-        return largest_batch(make_step, self.device, self.args.max_batch_size)
+        return measure.largest_batch(make_step, self.device, self.args.max_batch_size)
 
     def _flops(self, key: str) -> Optional[float]:
         return self.results.get('flops', {}).get(key)
 
-    def _report(self, timings: Dict[str, Dict[str, Any]], batch_size: int, gflops: Optional[float]
-                ) -> Dict[str, Any]:
-        """Images/s, achieved TFLOP/s and MFU of each timed model, and the speed ratio ours / timm."""
-        peak = self.results.get('matmul_peak', {}).get('tflops')
-        out = {}
-        for name, t in timings.items():
-            img_s = batch_size / t['seconds']
-            tflops = img_s * gflops / 1e3 if gflops else None
-            out[name] = dict(t, img_s=img_s, tflops=tflops, mfu=tflops / peak if tflops and peak else None)
-        if 'timm' in out:
-            # repeat i of ours ran right next to repeat i of timm's: the median of these paired ratios
-            # cancels the slow spells of a shared machine better than a ratio of two medians
-            pairs = zip(timings['ours']['repeats'], timings['timm']['repeats'])
-            out['ratio_ours_timm'] = statistics.median(t_timm / t_ours for t_ours, t_timm in pairs)
-        return out
+    def _throughput(self, timings: Dict[str, Dict[str, Any]], batch_size: int, gflops: Optional[float]
+                    ) -> Dict[str, Any]:
+        return measure.throughput(timings, batch_size, gflops, self.results.get('matmul_peak', {}).get('tflops'))
+
+    @staticmethod
+    def _speedup(timings: Dict[str, Dict[str, Any]], batch_size: int, fast: str, slow: str) -> Dict[str, Any]:
+        """How many times faster ``fast`` ran than ``slow``, and the images/s of each."""
+        return {'batch_size': batch_size, 'speedup': timings[slow]['seconds'] / timings[fast]['seconds'],
+                **{f'{k}_img_s': batch_size / v['seconds'] for k, v in timings.items()}}
 
     # ---------- parts ----------
     def check_outputs(self) -> None:
@@ -468,16 +226,18 @@ class Benchmark:
 
     def measure_peak(self) -> None:
         dtype = self.amp_dtype or torch.float32
-        self.results['matmul_peak'] = matmul_peak(self.device, dtype, self.args.repeats, min(self.args.min_time, 0.5))
+        self.results['matmul_peak'] = measure.matmul_peak(self.device, dtype, self.args.repeats,
+                                                          min(self.args.min_time, 0.5))
 
     def measure_flops(self) -> None:
         """GFLOPs per image of inference, of a training step, and of a training step with the teacher."""
         flops = {}
         for name, model in self.models.items():
-            flops[f'{name}_inference_gflops'] = count_flops(model, self.input_size) / 1e9
-            flops[f'{name}_train_gflops'] = count_flops(model, self.input_size, train=True) / 1e9
+            flops[f'{name}_inference_gflops'] = measure.count_flops(model, self.input_size) / 1e9
+            flops[f'{name}_train_gflops'] = measure.count_flops(model, self.input_size, train=True) / 1e9
         if self.teacher is not None:
-            flops['ours_train_teacher_gflops'] = count_flops(self.ours, self.input_size, True, self.teacher) / 1e9
+            flops['ours_train_teacher_gflops'] = measure.count_flops(self.ours, self.input_size, True,
+                                                                     self.teacher) / 1e9
         flops['inference_gmac'] = flops['ours_inference_gflops'] / 2
         self.results['flops'] = flops
 
@@ -485,12 +245,11 @@ class Benchmark:
         a = self.args
         for m in self.models.values():
             m.eval()
-        search = self._batch(lambda b: inference_step(self.ours, b, self.input_size, self.device, self.amp_dtype))
+        search = self._batch(lambda b: self._inference_step(self.ours, b))
         bs = search['batch_size']
-        steps = {name: inference_step(m, bs, self.input_size, self.device, self.amp_dtype)
-                 for name, m in self.compiled.items()}
-        memory = {name: peak_memory_gib(step, [self.models[name]], self.device) for name, step in steps.items()}
-        res = self._report(self._time(steps), bs, self._flops('ours_inference_gflops'))
+        steps = {name: self._inference_step(m, bs) for name, m in self.compiled.items()}
+        memory = {name: measure.peak_memory_gib(step, [self.models[name]], self.device) for name, step in steps.items()}
+        res = self._throughput(self._time(steps, 'inference'), bs, self._flops('ours_inference_gflops'))
         self.results['inference'] = dict(search, precision=a.precision, compile=a.compile, peak_memory_gib=memory,
                                          **res)
 
@@ -499,9 +258,10 @@ class Benchmark:
         search = self._batch(lambda b: self._train_step(self.ours, b, teacher))
         bs = search['batch_size']
         steps = {name: self._train_step(m, bs, teacher) for name, m in self.compiled.items()}
-        memory = {name: peak_memory_gib(step, [self.models[name]] + ([teacher] if teacher else []), self.device)
+        memory = {name: measure.peak_memory_gib(step, [self.models[name]] + ([teacher] if teacher else []),
+                                                self.device)
                   for name, step in steps.items()}
-        res = self._report(self._time(steps), bs, gflops)
+        res = self._throughput(self._time(steps, key), bs, gflops)
         for step in steps.values():
             step.release()
         self.results[key] = dict(search, precision=a.precision, compile=a.compile,
@@ -516,54 +276,55 @@ class Benchmark:
 
     def measure_options(self) -> None:
         """main.py's speed options, each timed against its alternative in interleaved repeats."""
-        options = {}
         bs = self.results.get('train', {}).get('batch_size') or self.args.batch_size or 32
-        model = self.compiled['ours']
-        steps = {'fused': self._train_step(model, bs, fused=True), 'unfused': self._train_step(model, bs, fused=False)}
-        t = self._time(steps)
-        options['fused_adamw'] = {'batch_size': bs, 'speedup': t['unfused']['seconds'] / t['fused']['seconds'],
-                                  **{f'{k}_img_s': bs / v['seconds'] for k, v in t.items()}}
-        for step in steps.values():
-            step.release()
-        del steps
-
+        options = {'fused_adamw': self._option_fused_adamw(bs)}
         if self.teacher is not None:
-            contiguous = copy.deepcopy(self.teacher).to(memory_format=torch.contiguous_format)
-            channels_last = copy.deepcopy(self.teacher).to(memory_format=torch.channels_last)
-            teachers = {'channels_last': inference_step(channels_last, bs, self.input_size, self.device,
-                                                        self.amp_dtype),
-                        'contiguous': inference_step(contiguous, bs, self.input_size, self.device, self.amp_dtype)}
-            t = self._time(teachers)
-            options['teacher_channels_last'] = {
-                'batch_size': bs, 'speedup': t['contiguous']['seconds'] / t['channels_last']['seconds'],
-                **{f'{k}_img_s': bs / v['seconds'] for k, v in t.items()}}
-            del contiguous, channels_last, teachers
+            options['teacher_channels_last'] = self._option_teacher_channels_last(bs)
         else:
             options['teacher_channels_last'] = {'skipped': 'no --teacher-model'}
-
         if self.args.compile:
-            ibs = self.results.get('inference', {}).get('batch_size') or bs
-            self.ours.eval()
-            t = self._time({name: inference_step(m, ibs, self.input_size, self.device, self.amp_dtype)
-                            for name, m in (('compiled', model), ('eager', self.ours))})
-            options['compile_inference'] = {'batch_size': ibs,
-                                            'speedup': t['eager']['seconds'] / t['compiled']['seconds']}
-            steps = {'compiled': self._train_step(model, bs), 'eager': self._train_step(self.ours, bs)}
-            t = self._time(steps)
-            options['compile_train'] = {'batch_size': bs, 'speedup': t['eager']['seconds'] / t['compiled']['seconds']}
-            for step in steps.values():
-                step.release()
+            options.update(self._option_compile(bs))
         else:
             options['compile_inference'] = options['compile_train'] = {'skipped': 'run with --compile'}
         self.results['options'] = options
+
+    def _option_fused_adamw(self, bs: int) -> Dict[str, Any]:
+        model = self.compiled['ours']
+        steps = {'fused': self._train_step(model, bs, fused=True), 'unfused': self._train_step(model, bs, fused=False)}
+        t = self._time(steps, 'fused_adamw')
+        for step in steps.values():
+            step.release()
+        return self._speedup(t, bs, 'fused', 'unfused')
+
+    def _option_teacher_channels_last(self, bs: int) -> Dict[str, Any]:
+        contiguous = copy.deepcopy(self.teacher).to(memory_format=torch.contiguous_format)
+        channels_last = copy.deepcopy(self.teacher).to(memory_format=torch.channels_last)
+        teachers = {'channels_last': self._inference_step(channels_last, bs),
+                    'contiguous': self._inference_step(contiguous, bs)}
+        return self._speedup(self._time(teachers, 'teacher_channels_last'), bs, 'channels_last', 'contiguous')
+
+    def _option_compile(self, bs: int) -> Dict[str, Dict[str, Any]]:
+        """The compiled model against the eager one, in inference (at the inference part's batch) and training."""
+        ibs = self.results.get('inference', {}).get('batch_size') or bs
+        model = self.compiled['ours']
+        self.ours.eval()
+        t = self._time({name: self._inference_step(m, ibs) for name, m in (('compiled', model), ('eager', self.ours))},
+                       'compile_inference')
+        out = {'compile_inference': {'batch_size': ibs, 'speedup': t['eager']['seconds'] / t['compiled']['seconds']}}
+        steps = {'compiled': self._train_step(model, bs), 'eager': self._train_step(self.ours, bs)}
+        t = self._time(steps, 'compile_train')
+        out['compile_train'] = {'batch_size': bs, 'speedup': t['eager']['seconds'] / t['compiled']['seconds']}
+        for step in steps.values():
+            step.release()
+        return out
 
     def measure_data(self) -> None:
         """JPEG decode + DeiT train transform: images/s in one process and through the DataLoader."""
         a = self.args
         with tempfile.TemporaryDirectory() as tmp:
-            files = find_jpegs(a.data_path) if a.data_path else write_jpegs(tmp, a.data_images)
-            self.results['data'] = measure_data_pipeline(
-                files, train_transform(self.input_size), a.workers, a.batch_size or 64, self.device,
+            files = measure.find_jpegs(a.data_path) if a.data_path else measure.write_jpegs(tmp, a.data_images)
+            self.results['data'] = measure.measure_data_pipeline(
+                files, measure.train_transform(self.input_size), a.workers, a.batch_size or 64, self.device,
                 a.repeats, a.min_time)
 
     def run(self) -> int:
@@ -578,163 +339,19 @@ class Benchmark:
             else:
                 parts[key] = getattr(self, f'measure_{part}')
         failed = 0
-        for name, measure in parts.items():
+        for name, measure_part in parts.items():
             start = time.perf_counter()
             print(f'measuring {name} ...', flush=True)
             try:
-                measure()
+                measure_part()
             except Exception as e:  # a failed part must not lose the others (OOM, compiler missing, ...)
                 failed += 1
                 self.results[name] = {'error': f'{type(e).__name__}: {e}'}
                 print(f'{name} failed: {type(e).__name__}: {e}', flush=True)
             self.results.setdefault('seconds', {})[name] = time.perf_counter() - start
-            self.results['machine']['load_average_1min_end'] = _load_average()
+            self.results['machine']['load_average_1min_end'] = measure.load_average()
             self.save()
         return failed
-
-
-def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
-    """['depth=2', 'embed_dim=48'] -> {'depth': 2, 'embed_dim': 48}; values are Python literals."""
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise ValueError(f"--model-kwargs takes KEY=VALUE items, got '{item}'.")
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
-    return kwargs
-
-
-# ============ data pipeline ============
-
-def train_transform(input_size: int) -> Callable:
-    """The train transform main.py builds with its default flags (the recipe: RandAugment, erasing, ...)."""
-    train_args = main.get_args_parser().parse_args(['--input-size', str(input_size)])
-    return datasets.build_transform(True, train_args)
-
-
-def write_jpegs(folder: str, n: int, seed: int = 0) -> List[str]:
-    """``n`` ImageNet-like JPEGs: 500x375, quality 90, smooth content plus grain, about 100 kB each.
-
-    The grain sets the file size, and with it the decoding work: flat images would decode faster
-    than photographs and flatter the data pipeline.
-    """
-    rng = np.random.default_rng(seed)
-    files = []
-    for i in range(n):
-        coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(JPEG_SIZE, Image.BICUBIC)
-        pixels = np.asarray(coarse, dtype=np.int16) + rng.normal(0, 20, (JPEG_SIZE[1], JPEG_SIZE[0], 3))
-        path = os.path.join(folder, f'{i:05d}.jpg')
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-        files.append(path)
-    return files
-
-
-def find_jpegs(folder: str) -> List[str]:
-    files = sorted(f for f in glob.glob(os.path.join(folder, '**', '*'), recursive=True)
-                   if f.lower().endswith(('.jpg', '.jpeg')))
-    if not files:
-        raise ValueError(f'--data-path {folder} holds no .jpg / .jpeg file.')
-    return files
-
-
-class JpegDataset(Dataset):
-    """``length`` samples cycling over JPEG files, read as the training datasets read them."""
-
-    def __init__(self, files: Sequence[str], transform: Callable, length: int) -> None:
-        self.files, self.transform, self.length = list(files), transform, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int):
-        return self.transform(datasets.load_image(self.files[index % len(self.files)])), 0
-
-
-def _rate_windows(batches, images_per_batch: int, windows: int, min_time: float,
-                  consume: Callable[[Any], None] = lambda b: None) -> List[float]:
-    """Images/s over ``windows`` consecutive windows of at least ``min_time`` seconds each."""
-    rates = []
-    for _ in range(windows):
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < min_time:
-            consume(next(batches))
-            n += images_per_batch
-        rates.append(n / (time.perf_counter() - start))
-    return rates
-
-
-def _loader(dataset: Dataset, workers: int, batch_size: int, **kwargs: Any) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False, drop_last=True, **kwargs)
-
-
-def measure_data_pipeline(files: Sequence[str], transform: Callable, workers: int, batch_size: int,
-                          device: torch.device, repeats: int, min_time: float) -> Dict[str, Any]:
-    """Decode + transform images/s in this process (one core), and through a DataLoader of ``workers``.
-
-    The loader's first window is discarded: it drains the batches prefetched while the workers
-    started. On CUDA the loader is also timed with and without pinned memory (batches copied to the
-    GPU); for persistent workers, the wait for the first batch of each epoch after the first is
-    timed with and without (median of ``repeats`` epochs of two batches per worker).
-    """
-    sizes = [os.path.getsize(f) for f in files]
-    out = {'files': len(files), 'mean_file_kb': statistics.mean(sizes) / 1e3, 'batch_size': batch_size,
-           'workers': workers, 'transform': repr(transform)}
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a DataLoader worker runs one thread
-    dataset = JpegDataset(files, transform, 10**9)
-    samples = (dataset[i] for i in range(len(dataset)))
-    next(samples)
-    rates = _rate_windows(samples, 1, repeats, min_time)
-    torch.set_num_threads(threads)
-    out['one_process_img_s'] = statistics.median(rates)
-    out['one_process_repeats'] = rates
-
-    def loader_rate(pin: bool) -> List[float]:
-        loader = _loader(dataset, workers, batch_size, pin_memory=pin)
-        batches = iter(loader)
-        for _ in range(max(workers, 1)):  # every worker has started and delivered once
-            next(batches)
-        to_device = (lambda b: b[0].to(device, non_blocking=True)) if device.type == 'cuda' else (lambda b: None)
-        rates = _rate_windows(batches, batch_size, repeats + 1, min_time, to_device)[1:]
-        _sync(device)
-        del batches
-        return rates
-
-    rates = loader_rate(pin=device.type == 'cuda')
-    out['loader_img_s'] = statistics.median(rates)
-    out['loader_repeats'] = rates
-    out['loader_img_s_per_worker'] = out['loader_img_s'] / max(workers, 1)
-    if device.type == 'cuda':
-        unpinned = statistics.median(loader_rate(pin=False))
-        out['pin_memory'] = {'pinned_img_s': out['loader_img_s'], 'unpinned_img_s': unpinned,
-                             'speedup': out['loader_img_s'] / unpinned}
-    else:
-        out['pin_memory'] = {'skipped': 'pinned memory speeds up copies to a GPU only'}
-
-    if workers > 0:
-        epoch = JpegDataset(files, transform, 2 * workers * batch_size)  # two batches per worker
-        first_batch_s = {}
-        for persistent in (True, False):
-            loader = _loader(epoch, workers, batch_size, persistent_workers=persistent)
-            waits = []
-            for _ in range(repeats + 1):  # the first epoch starts the workers in both cases
-                start = time.perf_counter()
-                batches = iter(loader)
-                next(batches)
-                waits.append(time.perf_counter() - start)
-                for _ in batches:
-                    pass
-            del loader, batches
-            first_batch_s['persistent' if persistent else 'restarted'] = statistics.median(waits[1:])
-        out['persistent_workers'] = {'epoch_start_s': first_batch_s,
-                                     'saved_s_per_epoch': first_batch_s['restarted'] - first_batch_s['persistent']}
-    else:
-        out['persistent_workers'] = {'skipped': 'needs --workers > 0'}
-    return out
 
 
 # ============ report ============
@@ -790,7 +407,7 @@ def print_table(results: Dict[str, Any]) -> None:
             print(f'{name} failed: {r["error"]}')
 
 
-if __name__ == '__main__':
+def cli() -> None:
     parser = argparse.ArgumentParser('DeiT benchmark', parents=[get_args_parser()])
     args = parser.parse_args()
     if args.repeats < 1 or args.min_time <= 0:
@@ -802,3 +419,7 @@ if __name__ == '__main__':
     failed = benchmark.run()
     print_table(benchmark.results)
     sys.exit(1 if failed else 0)  # a failed part's error is in the JSON and the table
+
+
+if __name__ == '__main__':
+    cli()

@@ -1,4 +1,4 @@
-"""benchmark.py: FLOP counts against the paper and a hand count, the timm reference, and a full tiny run."""
+"""benchmark.py, measure.py: FLOP counts against the paper and a hand count, the timm reference, and a full tiny run."""
 import json
 import os
 import subprocess
@@ -9,6 +9,9 @@ import pytest
 import torch
 
 import benchmark
+import datasets
+import main
+import measure
 import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +40,7 @@ def test_flops_match_paper_and_hand_count_with_attention(name, paper_gmac, dims)
     else:
         with torch.device('meta'):  # DeiT-B: no weights needed to count
             model = models.build_model(name)
-    gmac = benchmark.count_flops(model, 224) / 2 / 1e9
+    gmac = measure.count_flops(model, 224) / 2 / 1e9
     assert gmac == pytest.approx(paper_gmac, rel=0.02)
     assert gmac * 1e9 == pytest.approx(vit_macs(*dims, 224), rel=1e-9)
 
@@ -46,14 +49,14 @@ def test_training_flops_are_forward_plus_twice_forward_for_backward():
     model = models.build_model('deit_tiny_patch16_224', **TINY)
     forward = vit_macs(2, 48, 32)
     patch_projection = 4 * 3 * 16 * 16 * 48  # its backward needs no gradient for the input images
-    assert benchmark.count_flops(model, 32, train=True) / 2 == 3 * forward - patch_projection
+    assert measure.count_flops(model, 32, train=True) / 2 == 3 * forward - patch_projection
 
 
 @pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'deit_tiny_distilled_patch16_224'])
 def test_timm_reference_computes_the_same_function(name):
     torch.manual_seed(0)
     ours = models.build_model(name, drop_path_rate=0.1, **TINY)
-    reference = benchmark.timm_reference(ours, drop_path_rate=0.1)
+    reference = measure.timm_reference(ours, drop_path_rate=0.1)
     assert type(reference).__module__.startswith('timm.models')
     rates = [[getattr(b.drop_path1, 'drop_prob', 0.0) for b in m.blocks] for m in (ours, reference)]
     assert rates[0] == rates[1] and rates[0][-1] == pytest.approx(0.1)
@@ -70,11 +73,21 @@ def test_timm_reference_computes_the_same_function(name):
 
 
 def test_interleaved_timing_measures_known_durations():
-    timings = benchmark.time_interleaved({'short': lambda: time.sleep(0.02), 'long': lambda: time.sleep(0.04)},
-                                         torch.device('cpu'), warmup=1, repeats=3, min_time=0.1)
+    timings = measure.time_interleaved({'short': lambda: time.sleep(0.02), 'long': lambda: time.sleep(0.04)},
+                                       torch.device('cpu'), warmup=1, repeats=3, min_time=0.1)
     assert 0.02 <= timings['short']['seconds'] < 0.03
     assert 0.04 <= timings['long']['seconds'] < 0.05
     assert len(timings['short']['repeats']) == 3 and timings['short']['iters_per_repeat'] >= 3
+
+
+def test_timed_repeats_print_progress_with_eta(capsys):
+    measure.time_interleaved({'a': lambda: time.sleep(0.01), 'b': lambda: None}, torch.device('cpu'), warmup=0,
+                             repeats=3, min_time=0.02, header='part')
+    lines = [line for line in capsys.readouterr().out.splitlines() if 'eta:' in line]
+    fields = [line.split('  ') for line in lines]
+    assert [f[:2] for f in fields] == [['part', f'[{i}/3]'] for i in range(3)]
+    seconds_a = [float(next(x for x in f if x.startswith('a: '))[3:].rstrip(' s')) for f in fields]
+    assert all(s >= 0.01 for s in seconds_a)  # each repeat's seconds per call of the sleep
 
 
 def test_batch_search_doubles_until_out_of_memory():
@@ -85,11 +98,20 @@ def test_batch_search_doubles_until_out_of_memory():
         return step
 
     cpu = torch.device('cpu')
-    found = benchmark.largest_batch(make_step, cpu, max_batch_size=1024)
+    found = measure.largest_batch(make_step, cpu, max_batch_size=1024)
     assert found['batch_size'] == 256 and sorted(found['search_img_s']) == [32, 64, 128, 256]
-    assert benchmark.largest_batch(make_step, cpu, max_batch_size=100)['batch_size'] == 64
+    assert measure.largest_batch(make_step, cpu, max_batch_size=100)['batch_size'] == 64
     with pytest.raises(RuntimeError, match='batch 32 does not fit'):
-        benchmark.largest_batch(lambda b: make_step(b * 16), cpu, max_batch_size=1024)
+        measure.largest_batch(lambda b: make_step(b * 16), cpu, max_batch_size=1024)
+
+
+@pytest.mark.parametrize('input_size', [224, 32])
+def test_recipe_train_transform_is_main_default(input_size):
+    """benchmark.py may not import main.py: its copy of the recipe's transform flags must stay main.py's defaults."""
+    defaults = main.get_args_parser().parse_args(['--input-size', str(input_size)])
+    recipe = measure.recipe_train_args(input_size)
+    assert vars(recipe) == {key: getattr(defaults, key) for key in vars(recipe)}
+    assert repr(measure.train_transform(input_size)) == repr(datasets.build_transform(True, defaults))
 
 
 def test_user_errors_are_clear():
