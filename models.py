@@ -1,13 +1,14 @@
 """The DeiT model family, registered in timm's registry.
 
-The plain models are timm's ``VisionTransformer``; the distilled ones add the distillation token of
+The plain models are ``DeiT``: timm's ``VisionTransformer`` with the initialisation and weight decay
+of timm 0.3.2, which trained the paper's models; the distilled ones add the distillation token of
 the paper (Touvron et al., 2020, section 4) on top of it. After ``import models``,
 ``timm.create_model(name)`` builds these models for the eight DeiT names; every other name (the
 convnet teachers, e.g. ``regnety_160``) still comes from timm unchanged.
 """
 import warnings
 from functools import partial
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Set, Tuple, Union
 
 import timm
 import torch
@@ -21,7 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 import utils
 
 __all__ = [
-    'DEIT_MODELS', 'MODEL_URLS', 'TEACHER_URLS', 'DistilledVisionTransformer', 'build_model',
+    'DEIT_MODELS', 'MODEL_URLS', 'TEACHER_URLS', 'DeiT', 'DistilledVisionTransformer', 'build_model',
     'set_eval_head', 'interpolate_pos_embed',
 ]
 
@@ -43,7 +44,37 @@ TEACHER_URLS: Dict[str, str] = {'regnety_160': _BASE_URL + 'regnety_160-a5fe301d
 EVAL_HEADS = ('avg', 'cls', 'dist')
 
 
-class DistilledVisionTransformer(VisionTransformer):
+class DeiT(VisionTransformer):
+    """timm's ``VisionTransformer`` with the initialisation and weight decay the paper trained with.
+
+    The paper's models were trained with timm 0.3.2, whose ViT differs from timm 1.0's in two
+    places that change training from scratch, and nowhere else (forward, layout and weights are
+    timm's):
+
+    - ``cls_token`` is drawn from ``trunc_normal_(std=.02)`` like ``pos_embed``; timm >= 0.9 draws
+      it from ``normal(std=1e-6)``. Linear layers (trunc_normal, std .02, zero bias) and LayerNorm
+      (weight 1, bias 0) start as in timm 0.3.2 already.
+    - ``no_weight_decay()`` is ``{'pos_embed', 'cls_token'}``: the optimizer decays every other
+      parameter of two or more dimensions, ``dist_token`` included (timm 1.0 adds 'dist_token' and
+      'reg_token' to the set).
+    """
+
+    def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
+        """timm's init, then the class token as timm 0.3.2 drew it."""
+        super().init_weights(mode, needs_reset)
+        if self.cls_token is not None:
+            # timm's trunc_normal_ cuts at the absolute bounds a=-2, b=2 (its defaults, as in timm
+            # 0.3.2's call `trunc_normal_(self.cls_token, std=.02)`), i.e. at 100 std: in effect
+            # untruncated. The same call as the original's, so the same distribution.
+            trunc_normal_(self.cls_token, std=.02)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """The parameters timm 0.3.2's ViT excluded from weight decay (besides 1-D ones and biases)."""
+        return {'pos_embed', 'cls_token'}
+
+
+class DistilledVisionTransformer(DeiT):
     """ViT with a class token and a distillation token, each read by its own linear head.
 
     Tokens are ``[cls, dist, patches...]``; ``pos_embed`` is [1, N + 2, D] and covers both extra
@@ -63,16 +94,13 @@ class DistilledVisionTransformer(VisionTransformer):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 2, self.embed_dim))
         self.head_dist = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
         self.eval_head = 'avg'
-        # The original's init for the new parameters (DeiT models.py): truncated normal, std .02.
+        # The original's init for the new parameters (DeiT models.py): truncated normal, std .02 (bounds
+        # +-2 absolute, as DeiT.init_weights explains).
         trunc_normal_(self.dist_token, std=.02)
         trunc_normal_(self.pos_embed, std=.02)
         if isinstance(self.head_dist, nn.Linear):
             trunc_normal_(self.head_dist.weight, std=.02)
             nn.init.zeros_(self.head_dist.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return super().no_weight_decay() | {'dist_token'}
 
     @torch.jit.ignore
     def get_classifier(self) -> Tuple[nn.Module, nn.Module]:
@@ -187,7 +215,7 @@ def _load_pretrained(model: nn.Module, name: str) -> None:
         raise RuntimeError(f'{name}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})')
 
 
-def _create_deit(name: str, pretrained: bool = False, distilled: bool = False, **kwargs: Any) -> VisionTransformer:
+def _create_deit(name: str, pretrained: bool = False, distilled: bool = False, **kwargs: Any) -> DeiT:
     """The one builder behind the eight registered names."""
     # timm.create_model passes its pretrained-config kwargs to every entry point; DeiT loads its
     # own official files instead (the original crashed on these kwargs with timm >= 0.9).
@@ -199,7 +227,7 @@ def _create_deit(name: str, pretrained: bool = False, distilled: bool = False, *
     model_args = dict(patch_size=16, mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
                       pos_drop_rate=drop_rate, proj_drop_rate=drop_rate)
     model_args.update(kwargs)
-    model_cls = DistilledVisionTransformer if distilled else VisionTransformer
+    model_cls = DistilledVisionTransformer if distilled else DeiT
     model = model_cls(**model_args)
     img_size = model.patch_embed.img_size
     model.pretrained_cfg = dict(
@@ -223,19 +251,19 @@ def _register(fn):
 
 
 @_register
-def deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> DeiT:
     model_args = dict(embed_dim=192, depth=12, num_heads=3)
     return _create_deit('deit_tiny_patch16_224', pretrained, **dict(model_args, **kwargs))
 
 
 @_register
-def deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> DeiT:
     model_args = dict(embed_dim=384, depth=12, num_heads=6)
     return _create_deit('deit_small_patch16_224', pretrained, **dict(model_args, **kwargs))
 
 
 @_register
-def deit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def deit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> DeiT:
     model_args = dict(embed_dim=768, depth=12, num_heads=12)
     return _create_deit('deit_base_patch16_224', pretrained, **dict(model_args, **kwargs))
 
@@ -259,7 +287,7 @@ def deit_base_distilled_patch16_224(pretrained: bool = False, **kwargs: Any) -> 
 
 
 @_register
-def deit_base_patch16_384(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def deit_base_patch16_384(pretrained: bool = False, **kwargs: Any) -> DeiT:
     model_args = dict(img_size=384, embed_dim=768, depth=12, num_heads=12)
     return _create_deit('deit_base_patch16_384', pretrained, **dict(model_args, **kwargs))
 

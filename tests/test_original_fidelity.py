@@ -1,0 +1,70 @@
+"""Where timm 1.0 departs from timm 0.3.2, which trained the paper's models, the DeiTs follow 0.3.2.
+
+timm 0.3.2's ViT drew ``cls_token`` and ``pos_embed`` from ``trunc_normal_(std=.02)`` (the original's
+distilled model drew ``dist_token`` and its ``pos_embed`` the same way), linear layers from the same
+with zero bias, LayerNorm at weight 1 / bias 0, and left the patch embedding's convolution at
+PyTorch's default. Its ``no_weight_decay()`` was ``{'pos_embed', 'cls_token'}`` and its optimizer
+factory put 1-D parameters, biases and those names in the group without weight decay.
+"""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import models
+
+STD = 0.02
+
+
+def assert_trunc_normal_002(name, x):
+    """x is a sample of trunc_normal(0, .02) cut at +-2 (in effect N(0, .02^2)).
+
+    The sample std of n normal values has a relative standard error of 1/sqrt(2n), the mean a standard
+    error of .02/sqrt(n); 6 standard errors leave a false failure at about 1e-9 per check, whatever
+    the seed, and still tell .02 from anything else: the 192 values of deit_tiny's class token must lie
+    within 31% of .02, where timm 1.0's normal(std=1e-6) is 20,000 times smaller.
+    """
+    x = x.detach().flatten()
+    n = x.numel()
+    assert abs(x.std().item() / STD - 1) < 6 / math.sqrt(2 * n), f'{name}: std {x.std().item():.3g}, not {STD}'
+    assert abs(x.mean().item()) < 6 * STD / math.sqrt(n), f'{name}: mean {x.mean().item():.3g}'
+    assert x.abs().max().item() <= 2, f'{name}: beyond the truncation bounds +-2'
+
+
+def test_fresh_deit_base_starts_from_the_original_initialisation():
+    torch.manual_seed(0)
+    model = timm.create_model('deit_base_distilled_patch16_224')  # the plain model's parameters and more
+    assert model.cls_token.std() > 1e-3  # not timm 1.0's normal(std=1e-6)
+    checked = set()
+    for name in ('cls_token', 'dist_token', 'pos_embed'):
+        assert_trunc_normal_002(name, getattr(model, name))
+        checked.add(name)
+    for module_name, module in model.named_modules():
+        prefix = module_name + '.'
+        if isinstance(module, nn.Linear):
+            assert_trunc_normal_002(prefix + 'weight', module.weight)
+            assert torch.all(module.bias == 0), prefix + 'bias'
+        elif isinstance(module, nn.LayerNorm):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0), module_name
+        elif isinstance(module, nn.Conv2d):
+            # PyTorch's default, which timm 0.3.2 kept: U(-b, b) with b = 1/sqrt(fan_in), std b/sqrt(3).
+            bound = 1 / math.sqrt(module.weight[0].numel())
+            for x in (module.weight, module.bias):
+                assert x.abs().max() <= bound
+                assert abs(x.std().item() * math.sqrt(3) / bound - 1) < 6 / math.sqrt(2 * x.numel())
+        else:
+            continue
+        checked |= {prefix + name for name, _ in module.named_parameters(recurse=False)}
+    assert checked == {name for name, _ in model.named_parameters()}  # no parameter left unchecked
+
+
+@pytest.mark.parametrize('name', models.DEIT_MODELS)
+def test_every_deit_starts_its_tokens_as_the_original_and_decays_what_it_decayed(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, depth=1)  # tokens and position embedding do not depend on depth
+    for token in ('cls_token', 'dist_token', 'pos_embed'):
+        if hasattr(model, token):
+            assert_trunc_normal_002(f'{name} {token}', getattr(model, token))
+    assert model.no_weight_decay() == {'pos_embed', 'cls_token'}
