@@ -13,6 +13,8 @@ import timm
 import torch
 import torch.nn as nn
 
+import builders
+import main
 import models
 
 STD = 0.02
@@ -68,3 +70,22 @@ def test_every_deit_starts_its_tokens_as_the_original_and_decays_what_it_decayed
         if hasattr(model, token):
             assert_trunc_normal_002(f'{name} {token}', getattr(model, token))
     assert model.no_weight_decay() == {'pos_embed', 'cls_token'}
+
+
+@pytest.mark.parametrize('name', models.DEIT_MODELS)
+def test_the_optimizer_decays_the_distillation_token_as_the_original(name):
+    model = timm.create_model(name, depth=1, embed_dim=48, num_heads=3, num_classes=5)
+    args = main.get_args_parser().parse_args(['--model', name])  # the recipe: AdamW, weight decay 0.05
+    args.actual_lr = builders.scaled_lr(args)
+    optimizer = builders.build_optimizer(args, model, torch.device('cpu'))
+    # timm 0.3.2's add_weight_decay: no decay for 1-D parameters, biases and no_weight_decay() (pos_embed,
+    # cls_token); weight decay for the rest: every weight matrix, the patch embedding and the dist token.
+    linear = {f'{n}.weight' for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    decayed = linear | {'patch_embed.proj.weight'}
+    if 'distilled' in name:
+        decayed.add('dist_token')
+    names = {p: n for n, p in model.named_parameters()}
+    groups = {g['weight_decay']: {names[p] for p in g['params']} for g in optimizer.param_groups}
+    assert set(groups) == {0.0, 0.05}
+    assert groups[0.05] == decayed
+    assert groups[0.0] == set(names.values()) - decayed
