@@ -3,6 +3,7 @@ import argparse
 import builtins
 import datetime
 import os
+import pathlib
 import re
 import time
 import urllib.error
@@ -259,19 +260,35 @@ def save_on_master(obj: Any, path: str) -> None:
         os.close(dir_fd)
 
 
+def _pickled_paths() -> List[Tuple[type, str]]:
+    """The pathlib classes as pickles name them, each with the class that rebuilds it here.
+
+    Python 3.13 pickles ``pathlib._local.PosixPath``, earlier versions ``pathlib.PosixPath``. A concrete
+    path of the other system (a WindowsPath on Linux) cannot be instantiated here and becomes its pure
+    flavour, which holds the same path.
+    """
+    posix, windows = ((pathlib.PurePosixPath, pathlib.WindowsPath) if os.name == 'nt'
+                      else (pathlib.PosixPath, pathlib.PureWindowsPath))
+    classes = {'PurePath': pathlib.PurePath, 'PurePosixPath': pathlib.PurePosixPath,
+               'PureWindowsPath': pathlib.PureWindowsPath, 'Path': pathlib.Path,
+               'PosixPath': posix, 'WindowsPath': windows}
+    return [(cls, f'{module}.{name}') for name, cls in classes.items() for module in ('pathlib', 'pathlib._local')]
+
+
 def load_checkpoint(path_or_url: str) -> Dict[str, Any]:
     """Load a checkpoint on the CPU from a file or an https URL, with ``weights_only=True``.
 
     URLs go through torch.hub's cache (``$TORCH_HOME/hub/checkpoints``): a file already there is
     used without network. Checkpoints of the original code, which pickled ``argparse.Namespace`` as
-    their ``args``, load too (that class only holds attributes); anything else that is not tensors or
-    plain values is refused.
+    their ``args``, load too (that class only holds attributes), also those its Slurm launcher wrote,
+    whose ``args`` hold ``pathlib`` paths (``output_dir``, ``job_dir``; building a path runs no code
+    and touches no file); anything else that is not tensors or plain values is refused.
 
     Raises:
         CheckpointError: one line saying what is wrong with the file.
     """
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, *_pickled_paths()]):
             if path_or_url.startswith(('https://', 'http://')):
                 return torch.hub.load_state_dict_from_url(path_or_url, map_location='cpu', check_hash=True,
                                                           weights_only=True)

@@ -5,17 +5,29 @@ distilled model drew ``dist_token`` and its ``pos_embed`` the same way), linear 
 with zero bias, LayerNorm at weight 1 / bias 0, and left the patch embedding's convolution at
 PyTorch's default. Its ``no_weight_decay()`` was ``{'pos_embed', 'cls_token'}`` and its optimizer
 factory put 1-D parameters, biases and those names in the group without weight decay.
+
+The original's Slurm launcher stored ``pathlib`` paths in the checkpoint's ``args``; such files load. The
+original read iNaturalist images without the supercategory folder; data laid out that way is found.
 """
+import argparse
 import math
+import os
+import pathlib
+import zipfile
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 
 import builders
+import checkpoints
 import main
 import models
+import predict
+import utils
 
 STD = 0.02
 
@@ -89,3 +101,90 @@ def test_the_optimizer_decays_the_distillation_token_as_the_original(name):
     assert set(groups) == {0.0, 0.05}
     assert groups[0.05] == decayed
     assert groups[0.0] == set(names.values()) - decayed
+
+
+# ============ checkpoints of the original's Slurm launcher ============
+
+
+def original_args(**paths):
+    """The checkpoint 'args' of the original run under its Slurm launcher: a Namespace holding pathlib paths."""
+    return argparse.Namespace(model='deit_tiny_patch16_224', input_size=32, nb_classes=3, lr=5e-4, epochs=300,
+                              data_set='IMNET', data_path='/datasets01/imagenet_full_size/061417/', dist_url='env://',
+                              output_dir=pathlib.Path('/checkpoint/user/experiments/1234'),
+                              job_dir=pathlib.Path('/checkpoint/user/experiments/%j'), **paths)
+
+
+def repickled(path, new_path, old, new):
+    """A copy of torch.save's file whose pickle names ``new`` where it named ``old`` (GLOBAL opcodes).
+
+    Protocol 2 writes GLOBAL as newline-terminated text, so the replacement needs no length fix-up.
+    """
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(new_path, 'w', zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith('/data.pkl'):
+                assert old in data
+                data = data.replace(old, new)
+            dst.writestr(info.filename, data)
+    return new_path
+
+
+@pytest.fixture(scope='module')
+def original_checkpoint(tmp_path_factory):
+    """(path, model, optimizer): a checkpoint written as the original's main.py under run_with_submitit.py wrote it."""
+    torch.manual_seed(0)
+    model = timm.create_model('deit_tiny_patch16_224', num_classes=3, img_size=32)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=5e-4, weight_decay=0.05)
+    scheduler = CosineLRScheduler(optimizer, t_initial=300, warmup_t=5, warmup_lr_init=1e-6)
+    path = tmp_path_factory.mktemp('original') / 'checkpoint.pth'
+    torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                'lr_scheduler': scheduler.state_dict(), 'epoch': 4, 'model_ema': model.state_dict(),
+                'scaler': torch.amp.GradScaler('cuda', enabled=False).state_dict(), 'args': original_args()}, path)
+    return path, model, optimizer
+
+
+def test_a_checkpoint_of_the_original_launcher_loads_resumes_and_predicts(original_checkpoint, tmp_path):
+    path, model, saved_optimizer = original_checkpoint
+    args = utils.load_checkpoint(str(path))['args']
+    assert args == original_args() and isinstance(args.output_dir, pathlib.PosixPath)
+    # The paths as Python 3.13 pickles them (pathlib._local), and a WindowsPath (its pure flavour here).
+    torch.save({'args': original_args(run=pathlib.PureWindowsPath('C:/runs/1'))}, tmp_path / 'args.pth')
+    py313 = repickled(tmp_path / 'args.pth', tmp_path / '313.pth', b'cpathlib\n', b'cpathlib._local\n')
+    assert utils.load_checkpoint(str(py313))['args'] == original_args(run=pathlib.PureWindowsPath('C:/runs/1'))
+    windows = repickled(tmp_path / 'args.pth', tmp_path / 'win.pth', b'\nPureWindowsPath', b'\nWindowsPath')
+    assert utils.load_checkpoint(str(windows))['args'].run == pathlib.PureWindowsPath('C:/runs/1')
+    # --resume: weights, optimizer state and the epoch to continue at.
+    resumed = timm.create_model('deit_tiny_patch16_224', num_classes=3, img_size=32)
+    optimizer = create_optimizer_v2(resumed, 'adamw', lr=5e-4, weight_decay=0.05)
+    state = checkpoints.restore(str(path), resumed, None, optimizer=optimizer,
+                                lr_scheduler=CosineLRScheduler(optimizer, t_initial=300))
+    assert state['start_epoch'] == 5
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), model.state_dict().values()))
+    # the warm-up's starting lr (1e-6) the scheduler had set, where the fresh optimizer holds 5e-4
+    assert optimizer.state_dict()['param_groups'] == saved_optimizer.state_dict()['param_groups']
+    # predict.py: the model name and input size come from the pickled Namespace.
+    args = predict.get_args_parser().parse_args(['--checkpoint', str(path), '--device', 'cpu', 'x.jpg'])
+    loaded, classes, input_size, _ = predict.load_model(args)
+    assert (input_size, len(classes)) == (32, 3)
+    assert torch.equal(loaded.head.weight, model.head.weight)
+
+
+class Payload:
+    """Pickles as a call that would write ``marker`` when unpickled."""
+
+    def __init__(self, call, marker):
+        self.call, self.marker = call, marker
+
+    def __reduce__(self):
+        if self.call == 'system':
+            return os.system, (f'touch {self.marker}',)
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)  # reaches a method of an allowed class
+
+
+@pytest.mark.parametrize('call', ['system', 'path_method'])
+def test_a_crafted_pickle_next_to_the_launcher_paths_is_still_refused(call, tmp_path):
+    marker = tmp_path / 'ran'
+    torch.save({'model': {}, 'args': original_args(payload=Payload(call, marker))}, tmp_path / 'crafted.pth')
+    with pytest.raises(utils.CheckpointError, match='is refused: unpickling it could run code'):
+        utils.load_checkpoint(str(tmp_path / 'crafted.pth'))
+    assert not marker.exists()
