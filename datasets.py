@@ -7,7 +7,8 @@
   train and val must hold the same class folders). ``IMNET`` is ImageNet in this layout.
 - ``CIFAR`` (CIFAR-100, as the original) and ``CIFAR10``: torchvision's files under ``<data-path>``.
 - ``INAT`` (2018) and ``INAT19``: the iNaturalist archives as published, ``train{year}.json``,
-  ``val{year}.json`` and ``categories.json`` next to the image folder the JSON file names point into;
+  ``val{year}.json`` and ``categories.json`` next to the image folder the JSON file names point into
+  (or the original DeiT code's layout of it, without the supercategory folders);
   ``--inat-category`` picks the label level (``name``, ``genus``, ..., ``kingdom``).
 - ``DIGITS``: built in and offline. scikit-learn's copy of the UCI handwritten digits: 1,797 real scans of
   the digits 0-9, stored as 8x8 images of 17 levels (ink pixels per 4x4 block of the 32x32 scan),
@@ -302,7 +303,8 @@ class INatDataset(ImageFileDataset):
 
     Args:
         root: folder with ``train{year}.json``, ``val{year}.json``, ``categories.json``; image paths are
-            the JSON ``file_name`` entries relative to it.
+            the JSON ``file_name`` entries relative to it, or the same without their supercategory
+            folder, where the original DeiT code read them (whichever holds the first image).
         train: train or val split.
         year: 2018 or 2019.
         category: label level, one of INAT_CATEGORIES.
@@ -323,9 +325,42 @@ class INatDataset(ImageFileDataset):
             name = level[image_category[image['id']]]
             if name not in class_to_idx:
                 raise ValueError(f'{image["file_name"]} has {category} {name!r}, absent from train{year}.json')
-            samples.append((os.path.join(root, image['file_name']), class_to_idx[name]))
+            samples.append((image['file_name'], class_to_idx[name]))
+        split = f'{"train" if train else "val"}{year}'
+        original = bool(samples) and _inat_original_layout(root, samples[0][0], split)
+        samples = [(os.path.join(root, _without_supercategory(f) if original else f), t) for f, t in samples]
         super().__init__(samples, [str(c) for c in classes], transform, skip_corrupt)
 
+
+def _without_supercategory(file_name: str) -> str:
+    """Where the original DeiT code read a JSON ``file_name``: parts 0, 2 and 3 of it.
+
+    ``train_val2018/Plantae/7477/abc.jpg`` becomes ``train_val2018/7477/abc.jpg``; a name of another
+    shape is kept.
+    """
+    parts = file_name.split('/')
+    return '/'.join((parts[0], parts[2], parts[3])) if len(parts) == 4 else file_name
+
+
+def _inat_original_layout(root: str, file_name: str, split: str) -> bool:
+    """Whether the images lie as the original DeiT code read them (no supercategory folder) rather than as
+    published, judged by the split's first image; prints which layout was found.
+
+    Raises:
+        FileNotFoundError: the image is in neither place; the message names both paths.
+    """
+    published = os.path.join(root, file_name)
+    original = os.path.join(root, _without_supercategory(file_name))
+    if os.path.isfile(published):
+        print(f'iNaturalist {split}: images as published, at the JSON file_name paths in {root}')
+        return False
+    if original != published and os.path.isfile(original):
+        print(f'iNaturalist {split}: images in the original DeiT layout, without the supercategory folder, in {root}')
+        return True
+    where = f'{published} (as published)' + (f' nor at {original} (the original DeiT layout)'
+                                             if original != published else '')
+    raise FileNotFoundError(f'iNaturalist {split}: no image at {where}; --data-path must hold the folder '
+                            f'that the file_name entries of {split}.json point into')
 # ============ in-memory datasets ============
 
 

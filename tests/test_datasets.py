@@ -1,6 +1,7 @@
 """datasets.py: image folders, iNaturalist, the built-in DIGITS set, transforms, corrupt files, posterize."""
 import argparse
 import json
+import os
 import random
 
 import numpy as np
@@ -237,24 +238,28 @@ CATEGORIES = [  # the iNat categories.json fields this code reads, ids 0..3
 ]
 
 
-def write_inat(root, year, split, category_ids):
+def write_inat(root, year, split, category_ids, layout='published'):
+    """The JSON files as published; the images at their file_name, or where the original DeiT code read
+    them (``layout='original'``: file_name without its supercategory folder)."""
     images, annotations = [], []
     for i, cid in enumerate(category_ids):
         cat = CATEGORIES[cid]
         file_name = f'train_val{year}/{cat["supercategory"]}/{cid}/{split}{i}.jpg'
-        (root / file_name).parent.mkdir(parents=True, exist_ok=True)
-        Image.new('RGB', (24 + i, 20), (cid * 60, 0, 0)).save(root / file_name)
+        image_path = root / (file_name if layout == 'published' else f'train_val{year}/{cid}/{split}{i}.jpg')
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (24 + i, 20), (cid * 60, 0, 0)).save(image_path)
         images.append(dict(id=1000 * (split == 'val') + i, file_name=file_name))
         annotations.append(dict(image_id=images[-1]['id'], category_id=cid))
     (root / f'{split}{year}.json').write_text(json.dumps(dict(images=images, annotations=annotations)))
 
 
+@pytest.mark.parametrize('layout', ['published', 'original'])
 @pytest.mark.parametrize('data_set,year', [('INAT', 2018), ('INAT19', 2019)])
-def test_inat_layout_at_two_category_levels(tmp_path, data_set, year):
+def test_inat_layout_at_two_category_levels(tmp_path, data_set, year, layout, capsys):
     (tmp_path / 'categories.json').write_text(json.dumps(CATEGORIES))
     train_ids, val_ids = [2, 1, 2, 0, 3, 1], [3, 0, 2]
-    write_inat(tmp_path, year, 'train', train_ids)
-    write_inat(tmp_path, year, 'val', val_ids)
+    write_inat(tmp_path, year, 'train', train_ids, layout)
+    write_inat(tmp_path, year, 'val', val_ids, layout)
     expected = {  # class order = first appearance in the training annotations, as the original numbers them
         'name': ['Bombus terrestris', 'Quercus robur', 'Apis mellifera', 'Quercus alba'],
         'kingdom': ['Animalia', 'Plantae'],
@@ -265,10 +270,20 @@ def test_inat_layout_at_two_category_levels(tmp_path, data_set, year):
             dataset, nb_classes = datasets.build_dataset(is_train, args)
             assert dataset.classes == classes and nb_classes == len(classes)
             assert [classes[t] for t in dataset.targets] == [CATEGORIES[c][level] for c in ids]
+            assert all(os.path.isfile(path) for path, _ in dataset.samples)
             image, target = dataset[0]
             assert image.shape == (3, 32, 32) and target == dataset.targets[0]
+            found = {'published': 'images as published', 'original': 'images in the original DeiT layout'}[layout]
+            assert found in capsys.readouterr().out
     with pytest.raises(ValueError, match='inat-category'):
         datasets.build_dataset(True, recipe_args(data_set=data_set, data_path=str(tmp_path), inat_category='x'))
+    # The first image in neither place: one line naming both paths tried.
+    (tmp_path / dataset.samples[0][0]).unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        datasets.build_dataset(False, recipe_args(data_set=data_set, data_path=str(tmp_path)))
+    published = tmp_path / f'train_val{year}/Plantae/3/val0.jpg'
+    original = tmp_path / f'train_val{year}/3/val0.jpg'
+    assert f'no image at {published} (as published) nor at {original}' in str(e.value) and '\n' not in str(e.value)
 
 
 # ============ DIGITS ============
