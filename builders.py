@@ -41,10 +41,11 @@ def amp_dtype_of(precision: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def scaled_lr(args: argparse.Namespace) -> float:
-    """The learning rate the optimizer gets: --lr for a total batch of 512, scaled linearly (Goyal et al.)."""
+    """The learning rate the optimizer gets: --lr for a total batch of 512, scaled linearly (Goyal et al.) with the
+    effective batch, batch size x accumulated batches (--accum-iter) x processes."""
     if args.unscale_lr:
         return args.lr
-    return args.lr * args.batch_size * utils.get_world_size() / 512.0
+    return args.lr * args.batch_size * args.accum_iter * utils.get_world_size() / 512.0
 
 
 def mixup_active(args: argparse.Namespace) -> bool:

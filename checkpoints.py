@@ -13,10 +13,19 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
+from timm.scheduler import PlateauLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 
 import models
 import utils
+
+# The flags that shape the learning rate schedule or scale its lr (builders.scaled_lr), as resume_schedule names them.
+SCHEDULE_FLAGS = {k: f'--{k.replace("_", "-")}' for k in (
+    'epochs', 'sched', 'lr', 'min_lr', 'warmup_epochs', 'warmup_lr', 'decay_epochs', 'cooldown_epochs',
+    'patience_epochs', 'decay_rate', 'lr_noise', 'lr_noise_pct', 'lr_noise_std', 'unscale_lr', 'batch_size',
+    'accum_iter')}
+SCHEDULE_FLAGS.update(world_size='processes', actual_lr='actual lr')
 
 
 def weights_of(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -68,7 +77,8 @@ def restore(path: str, model: nn.Module, model_ema: Optional[ModelEmaV3], **trai
 
     Returns:
         {'ema_loaded': bool} plus, after a training checkpoint, 'start_epoch', 'start_step' (the step of
-        that epoch to continue at) and 'max_accuracy'.
+        that epoch to continue at), 'max_accuracy', and for resume_schedule the checkpoint's 'lr_scheduler'
+        state and 'args' (a dict; a Namespace in the original's checkpoints; None when absent).
     """
     checkpoint = utils.load_checkpoint(path)
     load_weights(model, weights_of(checkpoint), f'--resume {path}')
@@ -85,9 +95,39 @@ def restore(path: str, model: nn.Module, model_ema: Optional[ModelEmaV3], **trai
         result['start_epoch'] = checkpoint['epoch'] + 1
         result['start_step'] = checkpoint.get('resume_step', 0)  # a checkpoint written on a stop request
         result['max_accuracy'] = checkpoint.get('max_accuracy', -math.inf)
+        result['lr_scheduler'], result['args'] = checkpoint['lr_scheduler'], checkpoint.get('args')
         print(f'Resumed from {path}: epoch {checkpoint["epoch"]} done, continuing at epoch {result["start_epoch"]}'
               + (f', step {result["start_step"]}' if result['start_step'] else ''))
     return result
+
+
+def resume_schedule(lr_scheduler: Scheduler, optimizer: torch.optim.Optimizer, saved_state: Dict[str, Any],
+                    saved_args: Any, args: argparse.Namespace) -> None:
+    """Resume with the schedule of the command line (``lr_scheduler``, built from ``args``), not the checkpoint's.
+
+    A resumed run then trains as a run of the resumed command from the start would, also one that extends
+    --epochs: the checkpoint's schedule ended at its own --epochs and would train the added epochs at --min-lr.
+    timm's train.py rebuilds its schedule from the command line likewise. timm's schedules are functions of
+    the epoch: main.py evaluates this one at the resumed epoch. The flags that differ from the checkpoint's are
+    printed in one line.
+    """
+    saved = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else dict(saved_args or {})
+    changed = [f'{SCHEDULE_FLAGS[k]} {saved[k]} -> {getattr(args, k)}' for k in SCHEDULE_FLAGS
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        print(f'Resuming with a new schedule: {", ".join(changed)}')
+    plateau = isinstance(lr_scheduler, PlateauLRScheduler)
+    if plateau and 'best' in saved_state:
+        # The plateau schedule is a function of the metrics seen, not of the epoch: no command line can replay
+        # it. What the run learnt stays (the best metric, and the lr decayed so far, in the optimizer's param
+        # groups); the new flags (patience, decay rate, min lr) act from the resumed epoch on, and --epochs does
+        # not shape this schedule, so extending a plateau run is exact. timm does not save its bad-epoch counter:
+        # the patience counts afresh.
+        lr_scheduler.load_state_dict(saved_state)
+    for group, base in zip(optimizer.param_groups, lr_scheduler.base_values):
+        if plateau:  # a new lr scaling (--lr, batch, processes) applies to the decayed lr as it would have
+            group['lr'] *= base / group.get('initial_lr', base)
+        group['initial_lr'] = base  # the restored optimizer keeps the checkpoint's; the schedule uses this one
 
 
 def training_checkpoint(epoch: int, model: nn.Module, model_ema: Optional[ModelEmaV3], args: argparse.Namespace,

@@ -1,9 +1,10 @@
 """One training epoch and one evaluation pass, on CPU or CUDA, in one or many processes."""
+import itertools
 import math
 import os
 import time
 from contextlib import nullcontext
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -49,16 +50,20 @@ def _injected_nan_at() -> Optional[Tuple[int, int, int]]:
     return tuple(int(v) for v in value.split(':')) if value else None
 
 
-def _check_step(loss_value: float, stop: bool, epoch: int, step: int, num_steps: int) -> None:
+def _check_step(loss_value: float, stop: bool, epoch: int, step: int, num_steps: int) -> float:
     """Stop every process together: NonFiniteLossError when the loss of any process is not finite,
     else TrainingStopped when any process was asked to stop.
 
     Both decisions are summed over processes, in one collective per step, so that no process goes on
     to a collective (the DDP gradient all-reduce) that the others never join: the original exited one
     rank on a NaN and hung the rest.
+
+    Returns:
+        The loss averaged over the processes (reduced in the same collective).
     """
     local_bad = not math.isfinite(loss_value)
-    bad_processes, stopping = utils.all_reduce_sum([float(local_bad), float(stop)])
+    bad_processes, stopping, loss_sum = utils.all_reduce_sum(
+        [float(local_bad), float(stop), 0.0 if local_bad else loss_value])
     bad_processes = int(bad_processes)
     if bad_processes:
         where = f'loss is {loss_value}' if local_bad else 'loss is finite here'
@@ -68,6 +73,54 @@ def _check_step(loss_value: float, stop: bool, epoch: int, step: int, num_steps:
             'Try a lower --lr, --clip-grad 1.0, or bf16 / full precision instead of fp16.')
     if stopping:
         raise TrainingStopped(epoch, step)
+    return loss_sum / utils.get_world_size()
+
+
+class _WholeGroups:
+    """The batches of ``loader`` up to its last complete group of ``accum_iter``: gradient accumulation drops
+    the shorter group at the end of an epoch, as the loader drops a last, incomplete batch (drop_last=True).
+    Its batches are not read."""
+
+    def __init__(self, loader: Iterable, accum_iter: int) -> None:
+        self.loader = loader
+        self.length = len(loader) // accum_iter * accum_iter
+        if self.length == 0:
+            raise ValueError(f'--accum-iter {accum_iter} accumulates more batches than the {len(loader)} of an epoch: '
+                             'lower --accum-iter or --batch-size')
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(iter(self.loader), self.length)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    max_norm: float, model_ema: Optional[nn.Module]) -> None:
+    """Apply the accumulated gradients: clip (after unscaling), step, update the loss scale and the EMA."""
+    if max_norm:
+        # Unscale first, so that max_norm bounds the true gradients and not the fp16-scaled ones.
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    if model_ema is not None:
+        model_ema.update(model)
+
+
+def _gradient_sync(model: nn.Module, sync: bool):
+    """Where ``sync`` is False, DDP's no_sync (reached through torch.compile's wrapper too): the backward pass
+    adds the gradients up locally, without the all-reduce, which the last batch of an optimizer step does."""
+    no_sync = getattr(model, 'no_sync', None)  # a plain module has none
+    return nullcontext() if sync or no_sync is None else no_sync()
+
+
+def _log_train(log_writer: Optional[Any], global_step: int, print_freq: int, loss: float,
+               optimizer: torch.optim.Optimizer) -> None:
+    """TensorBoard's train/loss and train/lr at every ``print_freq``-th optimizer step of the run."""
+    if log_writer is not None and global_step % print_freq == 0:
+        log_writer.add_scalar('train/loss', loss, global_step)
+        log_writer.add_scalar('train/lr', optimizer.param_groups[0]['lr'], global_step)
 
 
 def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: Iterable,
@@ -75,70 +128,76 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: 
                     scaler: Optional[torch.amp.GradScaler], amp_dtype: Optional[torch.dtype],
                     max_norm: float = 0.0, model_ema: Optional[nn.Module] = None, mixup_fn: Optional[Mixup] = None,
                     set_training_mode: bool = True, print_freq: int = 10,
-                    stop_requested: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
-    """Train ``model`` for one pass over ``data_loader``.
+                    stop_requested: Optional[Callable[[], bool]] = None, accum_iter: int = 1,
+                    log_writer: Optional[Any] = None, first_step: int = 0) -> Dict[str, float]:
+    """Train ``model`` for one pass over ``data_loader``, one optimizer step every ``accum_iter`` batches.
 
     Args:
         criterion: called as ``criterion(samples, outputs, targets)``, on the mixed samples.
         scaler: a GradScaler, enabled for fp16 only; None is the same as a disabled one.
         amp_dtype: None (full precision), torch.float16 or torch.bfloat16.
         max_norm: clip the gradient norm to this value (after unscaling); 0 disables clipping.
-        model_ema: anything with ``.update(model)`` (timm's ModelEmaV3 / ModelEma), updated every step.
+        model_ema: anything with ``.update(model)`` (timm's ModelEmaV3), updated every optimizer step.
         mixup_fn: timm's Mixup, applied on ``device``.
         set_training_mode: False keeps the model in eval mode (dropout, drop path off) while training.
-        stop_requested: polled at every step; when it returns True on any process, every process
-            abandons the step under way (no update) and raises TrainingStopped.
+        stop_requested: polled at the first batch of every optimizer step; when it returns True on any process,
+            every process abandons the step before its first backward pass and raises TrainingStopped.
+        accum_iter: batches per optimizer step. Each batch's loss is divided by accum_iter: the step follows
+            the gradient of the mean loss over its batches, as one batch accum_iter times larger would.
+        log_writer: a TensorBoard SummaryWriter: every ``print_freq``-th optimizer step of the run gets
+            'train/loss' (mean over its batches and processes) and 'train/lr' at x = its index in the run.
+        first_step: that index for this call's first optimizer step.
 
     Returns:
-        {'loss': mean loss, 'lr': mean learning rate} over the epoch and all processes.
+        {'loss': mean loss, 'lr': mean learning rate} over the epoch's batches and all processes.
 
     Raises:
         NonFiniteLossError: on every process, when the loss of any process is NaN or infinite.
-        TrainingStopped: on every process, when a stop was requested on any process.
-        ValueError: when the loader is empty.
+        TrainingStopped: on every process, when any process was asked to stop; ``step``: a multiple of accum_iter.
+        ValueError: when the loader holds fewer than accum_iter batches (or none).
     """
     model.train(set_training_mode)
     scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
     autocast = _autocast(device, amp_dtype)
     # timm's second-order optimizers (AdaHessian) need the graph of the gradients.
     is_second_order = getattr(optimizer, 'is_second_order', False)
-    world_size = utils.get_world_size()
     nan_at = _injected_nan_at()
+    data_loader = _WholeGroups(data_loader, accum_iter) if accum_iter > 1 else data_loader
 
     metric_logger = utils.MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     metric_logger.add_meter('img/s', utils.SmoothedValue(fmt='{median:.1f}'))
     header = f'Epoch: [{epoch}]'
-    last = time.perf_counter()
+    last, step_loss = time.perf_counter(), 0.0
     for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header, device)):
+        first_of_step, last_of_step = step % accum_iter == 0, (step + 1) % accum_iter == 0
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-
-        with autocast:
-            outputs = model(samples)
-            loss = criterion(samples, outputs, targets)
-        loss_value = loss.item()
-        if nan_at == (utils.get_rank(), epoch, step):
-            loss_value = math.nan
-        _check_step(loss_value, stop_requested is not None and stop_requested(), epoch, step, len(data_loader))
-
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward(create_graph=is_second_order)
-        if max_norm:
-            # Unscale first, so that max_norm bounds the true gradients and not the fp16-scaled ones.
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        if model_ema is not None:
-            model_ema.update(model)
+        with _gradient_sync(model, last_of_step):
+            with autocast:
+                outputs = model(samples)
+                loss = criterion(samples, outputs, targets)
+            loss_value = loss.item()
+            if nan_at == (utils.get_rank(), epoch, step):
+                loss_value = math.nan
+            # Every batch is checked (one collective each, on every process); a stop is taken only before the
+            # first batch of an optimizer step, so that it lands between two steps.
+            stop = first_of_step and stop_requested is not None and stop_requested()
+            step_loss += _check_step(loss_value, stop, epoch, step, len(data_loader)) / accum_iter
+            if first_of_step:
+                optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss / accum_iter).backward(create_graph=is_second_order)
+        if last_of_step:
+            _optimizer_step(model, optimizer, scaler, max_norm, model_ema)
+            _log_train(log_writer, first_step + step // accum_iter, print_freq, step_loss, optimizer)
+            step_loss = 0.0
 
         now = time.perf_counter()
         metric_logger.update(loss=loss_value)
         metric_logger.update(lr=optimizer.param_groups[0]['lr'])
-        metric_logger.meters['img/s'].update(samples.shape[0] * world_size / (now - last))
+        metric_logger.meters['img/s'].update(samples.shape[0] * utils.get_world_size() / (now - last))
         last = now
 
     metric_logger.synchronize_between_processes()

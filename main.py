@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 import builders
 import checkpoints
 import models
+import tensorboard_log
 import utils
 from datasets import DATA_SETS, INAT_CATEGORIES, CorruptImageError
 from engine import NonFiniteLossError, TrainingStopped, evaluate_all, train_one_epoch
@@ -57,7 +58,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--batch-size', default=64, type=int,
                        help='batch size per process (default: %(default)s); the learning rate scales with the '
                             'total batch, see --lr')
-    group.add_argument('--epochs', default=300, type=int, help='number of training epochs (default: %(default)s)')
+    group.add_argument('--epochs', default=300, type=int,
+                       help='number of training epochs (default: %(default)s); a --resume with a larger value extends '
+                            'the run, its schedule stretched to the new length')
+    group.add_argument('--accum-iter', '--accum_iter', default=1, type=int, metavar='N',
+                       help='gradient accumulation: one optimizer step every N batches (default: %(default)s, none). '
+                            'The effective batch, batch-size x N x processes, sets the lr scaling, so 1 GPU with '
+                            '--accum-iter 8 trains the recipe of 8 GPUs. Each batch\'s loss is divided by N. The '
+                            'batches after an epoch\'s last complete group of N are not used, as the loader drops an '
+                            'incomplete last batch: every step sees the same number of images')
     group.add_argument('--bce-loss', action='store_true',
                        help='binary cross-entropy on the (mixed) one-hot targets instead of cross-entropy, '
                             'as DeiT III (default: off)')
@@ -205,12 +214,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--output_dir', '--output-dir', default='',
                        help='where to write checkpoints and logs; a checkpoint.pth found there is resumed '
                             '(default: no output)')
+    group.add_argument('--log_dir', '--log-dir', default='',
+                       help='write TensorBoard scalars to this folder (default: none): train/loss and train/lr every '
+                            '10 optimizer steps, test/ and test_ema/ loss, acc1, acc5 every epoch; a resumed run '
+                            'continues the same folder. Needs `pip install tensorboard`; view with '
+                            '`tensorboard --logdir DIR`')
     group.add_argument('--seed', default=0, type=int, help='random seed (default: %(default)s)')
     group.add_argument('--debug', action='store_true',
                        help='show the traceback of errors that are otherwise reported in one line (default: off)')
     group.add_argument('--resume', default='',
                        help='checkpoint (file or https URL) to resume training from, or to evaluate with --eval '
-                            '(default: none)')
+                            '(default: none). The schedule comes from this command (--epochs, --sched, --lr, ...): '
+                            'the flags that differ from the checkpoint\'s are printed at start')
     group.add_argument('--start_epoch', '--start-epoch', default=0, type=int, metavar='N',
                        help='first epoch, when not resuming (default: %(default)s)')
     group.add_argument('--eval', action='store_true', help='evaluate only (default: off)')
@@ -254,8 +269,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse combinations of flags that cannot work, with a message that says what to do."""
-    if args.batch_size < 1 or args.epochs < 1:
-        raise ValueError('--batch-size and --epochs must be positive')
+    if args.batch_size < 1 or args.epochs < 1 or args.accum_iter < 1:
+        raise ValueError('--batch-size, --epochs and --accum-iter must be positive')
+    if args.log_dir:
+        tensorboard_log.check_available()
     if args.resplit:
         raise ValueError('--resplit applies to AugMix augmentation splits, which DeiT does not use; drop the flag')
     if args.cooldown_epochs and args.sched not in CYCLIC_SCHEDULERS:
@@ -393,8 +410,10 @@ def main(args: argparse.Namespace) -> None:
 
     # ============ building the optimizer, schedule and loss ============
     args.actual_lr = builders.scaled_lr(args)
-    total_batch = args.batch_size * utils.get_world_size()
-    print(f'base lr: {args.lr:.2e}  actual lr: {args.actual_lr:.2e}  (total batch {total_batch}, '
+    world_size = utils.get_world_size()
+    total_batch = args.batch_size * args.accum_iter * world_size
+    print(f'base lr: {args.lr:.2e}  actual lr: {args.actual_lr:.2e}  (total batch {total_batch} = {args.batch_size} '
+          f'x {args.accum_iter} accumulated x {world_size} process{"es" * (world_size > 1)}, '
           f'{"--unscale-lr" if args.unscale_lr else "lr * total batch / 512"})')
     optimizer = builders.build_optimizer(args, model_without_ddp, device)
     lr_scheduler, num_epochs = create_scheduler(args, optimizer)
@@ -407,8 +426,9 @@ def main(args: argparse.Namespace) -> None:
     # ============ resuming ============
     max_accuracy, start_step = -math.inf, 0
     if args.resume:
-        state = checkpoints.restore(args.resume, model_without_ddp, model_ema, optimizer=optimizer,
-                                    lr_scheduler=lr_scheduler, scaler=scaler)
+        state = checkpoints.restore(args.resume, model_without_ddp, model_ema, optimizer=optimizer, scaler=scaler)
+        if 'start_epoch' in state:
+            checkpoints.resume_schedule(lr_scheduler, optimizer, state['lr_scheduler'], state['args'], args)
         args.start_epoch = state.get('start_epoch', args.start_epoch)
         start_step = state.get('start_step', 0)
         max_accuracy = state.get('max_accuracy', max_accuracy)
@@ -425,7 +445,10 @@ def main(args: argparse.Namespace) -> None:
     start_time = time.time()
     # Epoch e trains with the schedule's value for e (the original stepped at the end of e, one epoch late).
     lr_scheduler.step(args.start_epoch)
-    with StopRequest() as stop:
+    steps_per_epoch = len(loader_train) // args.accum_iter  # optimizer steps: TensorBoard's x
+    log_dir = args.log_dir if utils.is_main_process() else ''
+    with StopRequest() as stop, tensorboard_log.open_writer(
+            log_dir, purge_step=args.start_epoch * steps_per_epoch + start_step // args.accum_iter) as log_writer:
         for epoch in range(args.start_epoch, num_epochs):
             # Re-seeded from (seed, rank, epoch): a resumed run draws what the uninterrupted run drew.
             builders.seed_everything(args.seed, utils.get_rank(), epoch)
@@ -435,7 +458,9 @@ def main(args: argparse.Namespace) -> None:
             try:
                 train_stats = train_one_epoch(model, criterion, loader, optimizer, device, epoch, scaler, amp_dtype,
                                               args.clip_grad or 0.0, model_ema, mixup_fn,
-                                              set_training_mode=args.train_mode, stop_requested=stop.requested)
+                                              set_training_mode=args.train_mode, stop_requested=stop.requested,
+                                              accum_iter=args.accum_iter, log_writer=log_writer,
+                                              first_step=epoch * steps_per_epoch + start_step // args.accum_iter)
             except TrainingStopped as stopped:
                 stopped.step += start_step
                 if output_dir is not None:  # the state after the last applied step, and the step to go on at
@@ -459,6 +484,7 @@ def main(args: argparse.Namespace) -> None:
                 checkpoint = checkpoints.training_checkpoint(epoch, model_without_ddp, model_ema, args, max_accuracy,
                                                              dataset_train.classes, **training_state)
                 checkpoints.save_epoch(output_dir, log_stats, checkpoint, is_best)
+            tensorboard_log.log_epoch(log_writer, epoch, test_stats)  # after the checkpoint: never logged twice
             if epoch + 1 < num_epochs and stop.agreed():
                 stopped = TrainingStopped(epoch + 1, 0)
                 stop.report(stopped, len(loader_train), output_dir)
