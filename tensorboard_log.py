@@ -24,9 +24,9 @@ def open_writer(log_dir: str, purge_step: int) -> ContextManager[Optional[Any]]:
     Args:
         purge_step: the optimizer step the run starts at. A resumed run writes into the same folder, and
             TensorBoard's reader drops the events of steps >= purge_step that an earlier run left behind
-            (e.g. the epoch it trained before a kill; torch's SummaryWriter(purge_step=...)), so no step
-            shows twice. The per-epoch scalars (x = epoch) written again replace their earlier values by the
-            reader's own rule: a step of a tag going backwards drops that tag's later events.
+            (the steps a killed run trained past its last checkpoint; torch's SummaryWriter(purge_step=...)),
+            so no step shows twice. The per-epoch scalars (x = epoch, below purge_step) need no purge: main.py
+            writes them after the epoch's checkpoint, so a resumed run never writes an epoch's again.
     """
     if not log_dir:
         return nullcontext(None)
