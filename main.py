@@ -63,10 +63,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                             'the run, its schedule stretched to the new length')
     group.add_argument('--accum-iter', '--accum_iter', default=1, type=int, metavar='N',
                        help='gradient accumulation: one optimizer step every N batches (default: %(default)s, none). '
-                            'The effective batch, batch-size x N x processes, sets the lr scaling, so 1 GPU with '
-                            '--accum-iter 8 trains the recipe of 8 GPUs. Each batch\'s loss is divided by N. The '
-                            'batches after an epoch\'s last complete group of N are not used, as the loader drops an '
-                            'incomplete last batch: every step sees the same number of images')
+                            'The effective batch, batch-size x N x processes, sets the lr scaling: on 1 GPU, '
+                            '--accum-iter 8 takes the optimizer steps of 8 GPUs at the same --batch-size (add '
+                            '--repeated-aug, on by default only with several processes). Each batch\'s loss is '
+                            'divided by N. The batches after an epoch\'s last complete group of N are not used, as '
+                            'the loader drops an incomplete last batch: every step sees N full batches, as the '
+                            'larger batch would')
     group.add_argument('--bce-loss', action='store_true',
                        help='binary cross-entropy on the (mixed) one-hot targets instead of cross-entropy, '
                             'as DeiT III (default: off)')
