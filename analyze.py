@@ -4,7 +4,8 @@
     python analyze.py heads out/checkpoint.pth --model deit_tiny_distilled_patch16_224 --data-set DIGITS \
         --input-size 32 --json heads.json
     # cosine similarity of the class and distillation tokens: learned parameters, then after each block
-    python analyze.py tokens deit_base_distilled_patch16_224-df68dfff.pth --data-path /path/to/imagenet
+    python analyze.py tokens deit_base_distilled_patch16_224-df68dfff.pth --model deit_base_distilled_patch16_224 \
+        --data-path /path/to/imagenet
     # how often classifiers disagree (Table 4): the heads of a student and its convnet teacher
     python analyze.py agree cls=out/checkpoint.pth:cls dist=out/checkpoint.pth:dist \
         teacher=regnety_160@regnety_160-a5fe301d.pth --model deit_base_distilled_patch16_224 --data-path ...
@@ -13,10 +14,10 @@
     # train loss, test top-1 (and the EMA's) and learning rate per epoch, runs overlaid
     python analyze.py curves runs/hard/log.txt soft=runs/soft/log.txt --out curves.png
 
-Checkpoints: main.py's (its 'model' weights, or 'model_ema' with --ema) or official files ({'model': ...}),
-files or https URLs, loaded with weights_only=True. Data: main.py's flags and defaults; the validation split
-with main.py's evaluation transform and batch (1.5 x --batch-size). Each analysis is a function of (model,
-loader, device) that returns numbers; the commands print them as a table and write them with --json FILE.
+Checkpoints: main.py's ('model' weights, 'model_ema' with --ema; --model defaults to the one it stored) or
+official files ({'model': ...}), files or https URLs, loaded with weights_only=True. Data: main.py's flags and
+defaults: the validation split, its evaluation transform and batch (1.5 x --batch-size). Each analysis is a
+function of (model, loader, device) returning numbers; the commands print a table and write --json FILE.
 
 Exit status: 0 done; 2 a user error (a bad file, model, image or flag), in one line on stderr unless --debug.
 """
@@ -349,8 +350,7 @@ def _check_output(path: Optional[str], flag: str) -> None:
 def _write_json(path: Optional[str], figures: Dict[str, Any]) -> None:
     if path:
         with open(path, 'w') as f:
-            json.dump(figures, f, indent=2)
-            f.write('\n')
+            f.write(json.dumps(figures, indent=2) + '\n')
         print(f'wrote {path}')
 
 
@@ -496,13 +496,13 @@ def _flags(parser: argparse.ArgumentParser, func: Callable, data: bool = True) -
     group = parser.add_argument_group('Run')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                        help='cuda or cpu (default: cuda when a GPU is present, else cpu; here %(default)s)')
-    group.add_argument('--precision', default='auto', choices=('auto', 'fp16', 'bf16', 'off'),
-                       help="mixed precision, as main.py's: auto is fp16 on CUDA and off on the CPU "
-                            '(default: %(default)s)')
     group.add_argument('--json', default=None, metavar='FILE', help='also write the figures to this JSON file')
     group.add_argument('--debug', action='store_true', help='show the traceback of errors (default: one line)')
-    if not data:
+    if not data:  # attention: one image, in full precision
         return
+    group.add_argument('--precision', default='auto', choices=('auto', 'fp16', 'bf16', 'off'),
+                       help="mixed precision, as main.py's: auto is fp16 on CUDA and off on the CPU (default: "
+                            '%(default)s)')
     group = parser.add_argument_group('Data (the validation split, as main.py --eval reads it)')
     group.add_argument('--data-set', default='IMNET', choices=DATA_SETS,
                        help='dataset; DIGITS is built in and needs no download (default: %(default)s)')
@@ -524,7 +524,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
     sub = commands.add_parser('heads', help='top-1 / top-5 of the class head, the distillation head and their average',
-                              description='Top-1 / top-5 (%%) of the class head, the distillation head and their '
+                              description='Top-1 / top-5 (%) of the class head, the distillation head and their '
                                           'average (Table 5), each as main.py --eval --eval-head H prints it. '
                                           'JSON: {"cls": {"acc1", "acc5"}, "dist": ..., "avg": ...}.')
     sub.add_argument('checkpoint', metavar='CHECKPOINT', help='file or https URL of a distilled model')
@@ -540,7 +540,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser('agree', help='pairwise disagreement of top-1 predictions (Table 4)',
                               description='Fraction of the images on which the top-1 classes of two classifiers '
-                                          'differ, for every pair, and the top-1 (%%) of each. '
+                                          'differ, for every pair, and the top-1 (%) of each. '
                                           'JSON: {"names": [...], "acc1": [...], "disagreement": [[...]]}.')
     sub.add_argument('entries', nargs='+', metavar='ENTRY',
                      help='NAME=PATH[:HEAD] (a checkpoint of --model) or NAME=MODEL@PATH[:HEAD] (any timm model, '
