@@ -33,12 +33,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from timm.models import get_pretrained_cfg
 from torch.utils.data import DataLoader, SequentialSampler
 
+import builders
 import models
 import utils
-from datasets import DATA_SETS, INAT_CATEGORIES, CorruptImageError, build_dataset, build_eval_transform
+from checkpoints import load_weights, weights_of
+from datasets import DATA_SETS, INAT_CATEGORIES, CorruptImageError, build_eval_transform
 from figures import METHODS, MissingPackage, plot_attention, plot_curves, read_log
 
 HEADS = ('cls', 'dist', 'avg')
@@ -47,14 +48,6 @@ EXIT_USER_ERROR = 2
 USER_ERRORS = (ValueError, FileNotFoundError, CorruptImageError, MissingPackage)
 
 # ============ models and data ============
-
-
-def create_model(name: str, input_size: int, **kwargs: Any) -> nn.Module:
-    """main.py's create_model: models.build_model, at ``input_size`` for models built for one input size."""
-    cfg = get_pretrained_cfg(name)
-    if name in models.DEIT_MODELS or (cfg is not None and cfg.fixed_input_size):
-        kwargs['img_size'] = input_size
-    return models.build_model(name, **kwargs)
 
 
 def load_model(path: str, model_name: Optional[str] = None, input_size: int = 224, nb_classes: Optional[int] = None,
@@ -71,42 +64,28 @@ def load_model(path: str, model_name: Optional[str] = None, input_size: int = 22
     if ema and 'model_ema' not in checkpoint:
         raise ValueError(f'{path} holds no EMA weights (model_ema): drop --ema, or give a checkpoint that main.py '
                          'wrote with its weight EMA on (the default)')
-    state_dict = checkpoint['model_ema' if ema else 'model'] if 'model' in checkpoint else checkpoint
+    state_dict = checkpoint['model_ema'] if ema else weights_of(checkpoint)
     train_args = checkpoint.get('args') or {}  # the original code pickled an argparse.Namespace
     name = model_name or getattr(train_args, 'model', None) or dict(train_args).get('model', DEFAULT_MODEL)
     if nb_classes is None:
         if 'head.weight' not in state_dict:
             raise ValueError(f'{path} has no head.weight to read the number of classes from: pass --nb-classes')
         nb_classes = state_dict['head.weight'].shape[0]
-    model = create_model(name, input_size, num_classes=nb_classes)
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        problems = '; '.join(line.strip()[:200] for line in str(e).splitlines()[1:4] if line.strip())
-        raise ValueError(f'{path} does not fit {name} ({problems}): check the model name (--model), --input-size '
-                         'and --nb-classes') from None
+    model = builders.create_model(name, input_size, num_classes=nb_classes)
+    load_weights(model, state_dict, f'{path} ({name})', flag='the model name (--model, or MODEL@ in agree)')
     return model.eval()
 
 
 def build_loader(args: argparse.Namespace, device: torch.device) -> Tuple[DataLoader, int]:
-    """main.py's validation loader (the val split, its eval transform, in order, batch 1.5 x --batch-size) and the
-    number of classes of the classifier (--nb-classes, else the dataset's)."""
+    """main.py --eval's validation loader (builders.build_data: the val split, its eval transform, in order, batch
+    1.5 x --batch-size) and the number of classes of the classifier (--nb-classes, else the dataset's)."""
     if args.batch_size < 1:
         raise ValueError('--batch-size must be positive')
-    dataset, nb_classes = build_dataset(is_train=False, args=args)
-    if args.nb_classes is not None and args.nb_classes < nb_classes:
-        raise ValueError(f'--nb-classes {args.nb_classes} is below the {nb_classes} classes of --data-set '
-                         f'{args.data_set}')
-    loader = DataLoader(dataset, sampler=SequentialSampler(dataset), batch_size=int(1.5 * args.batch_size),
-                        num_workers=args.num_workers, pin_memory=device.type == 'cuda', drop_last=False)
-    return loader, args.nb_classes or nb_classes
-
-
-def amp_dtype_of(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """main.py's --precision: auto is fp16 on CUDA, full precision (None) on the CPU."""
-    if precision == 'auto':
-        precision = 'fp16' if device.type == 'cuda' else 'off'
-    return {'fp16': torch.float16, 'bf16': torch.bfloat16, 'off': None}[precision]
+    # one process, evaluation only, main.py's defaults for the flags analyze.py does not take
+    eval_args = argparse.Namespace(**{**vars(args), 'eval': True, 'distributed': False, 'dist_eval': False,
+                                      'pin_mem': True, 'persistent_workers': False})
+    _, _, _, loader, nb_classes = builders.build_data(eval_args, device)
+    return loader, nb_classes
 
 
 def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -389,7 +368,7 @@ def run_heads(args: argparse.Namespace) -> None:
     device = _setup(args, args.checkpoint)
     loader, nb_classes = build_loader(args, device)
     model = _model(args, args.checkpoint, nb_classes)
-    figures = head_accuracies(model, loader, device, amp_dtype_of(args.precision, device))
+    figures = head_accuracies(model, loader, device, builders.amp_dtype_of(args.precision, device))
     print(f'{len(loader.dataset)} images of --data-set {args.data_set}, {"EMA " if args.ema else ""}weights of '
           f'{args.checkpoint}')
     print(_table(('head', 'Acc@1', 'Acc@5'), [(h, figures[h]['acc1'], figures[h]['acc5']) for h in HEADS]))
@@ -400,7 +379,7 @@ def run_tokens(args: argparse.Namespace) -> None:
     device = _setup(args, args.checkpoint)
     loader, nb_classes = build_loader(args, device)
     model = _model(args, args.checkpoint, nb_classes)
-    figures = token_cosines(model, loader, device, amp_dtype_of(args.precision, device))
+    figures = token_cosines(model, loader, device, builders.amp_dtype_of(args.precision, device))
     print(f'cos(class token, distillation token) over {len(loader.dataset)} images (paper: 0.06 for the learned '
           'tokens, 0.93 after the last block)')
     rows = [('learned tokens', figures['params'])] + [(f'after block {i}', c) for i, c in enumerate(figures['blocks'])]
@@ -423,7 +402,7 @@ def run_agree(args: argparse.Namespace) -> None:
             raise ValueError(f'agree entry {entry.name}: {type(model).__name__} has no distillation head; use '
                              f'{entry.name}=...:cls or :avg')
         classifiers.append(model)
-    amp_dtype = amp_dtype_of(args.precision, device)
+    amp_dtype = builders.amp_dtype_of(args.precision, device)
     labels = labels_of(loader)
     predictions = []
     for entry, model in zip(entries, classifiers):
