@@ -15,6 +15,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
 
 import datasets
+import main
 import models  # noqa: F401  (registers the DeiT names in timm)
 import predict
 
@@ -131,14 +132,16 @@ def test_single_image_prints_no_header_and_json_gives_full_precision(hub_tiny, c
     torch.testing.assert_close(torch.tensor([p['score'] for p in result['predictions']]), scores)
 
 
-def test_unreadable_image_among_several(hub_tiny, tmp_path):
+def test_unreadable_image_among_several(hub_tiny, tmp_path, capsys, monkeypatch):
     home, _ = hub_tiny
+    monkeypatch.setenv('TORCH_HOME', str(home))
     broken = tmp_path / 'broken.jpg'
     broken.write_bytes(Path(PHOTOS[0]).read_bytes()[:3000])  # a truncated JPEG: the header reads, the pixels do not
-    result = run_predict(PHOTOS[0], str(broken), PHOTOS[1], '--model', 'deit_tiny_patch16_224', torch_home=home)
-    assert result.returncode != 0
-    assert str(broken) in result.stderr and 'Traceback' not in result.stderr
-    blocks = parse_blocks(result.stdout)
+    argv = [PHOTOS[0], str(broken), PHOTOS[1], '--model', 'deit_tiny_patch16_224', '--device', 'cpu']
+    assert predict.main(predict.get_args_parser().parse_args(argv)) != 0
+    captured = capsys.readouterr()
+    assert str(broken) in captured.err and 'Traceback' not in captured.err
+    blocks = parse_blocks(captured.out)
     assert list(blocks) == PHOTOS and all(len(lines) == 5 for lines in blocks.values())
 
 
@@ -171,11 +174,9 @@ def test_eval_head_of_distilled_checkpoint(tmp_path, capsys):
 
 def test_checkpoint_written_by_main_prints_its_class_names(tmp_path, capsys):
     out = tmp_path / 'out'
-    train = subprocess.run(
-        [sys.executable, 'main.py', '--data-set', 'DIGITS', '--model', 'deit_tiny_patch16_224', '--input-size', '16',
-         '--epochs', '1', '--batch-size', '256', '--device', 'cpu', '--num_workers', '0', '--output_dir', str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert train.returncode == 0, train.stderr[-3000:]
+    main.cli(['--data-set', 'DIGITS', '--model', 'deit_tiny_patch16_224', '--input-size', '16', '--epochs', '1',
+              '--batch-size', '256', '--device', 'cpu', '--num_workers', '0', '--output_dir', str(out)])
+    capsys.readouterr()
     checkpoint = torch.load(out / 'checkpoint.pth', map_location='cpu', weights_only=True)
     assert len(checkpoint['classes']) == 10 and 'model_ema' in checkpoint
 
@@ -184,9 +185,9 @@ def test_checkpoint_written_by_main_prints_its_class_names(tmp_path, capsys):
     model.load_state_dict(checkpoint['model_ema'])
     transform = datasets.build_eval_transform(16)
 
-    result = run_predict(*PHOTOS, '--checkpoint', str(out / 'checkpoint.pth'), torch_home=tmp_path)
-    assert result.returncode == 0, result.stderr
-    blocks = parse_blocks(result.stdout)
+    argv = [*PHOTOS, '--checkpoint', str(out / 'checkpoint.pth'), '--device', 'cpu']
+    assert predict.main(predict.get_args_parser().parse_args(argv)) == 0
+    blocks = parse_blocks(capsys.readouterr().out)
     for path in PHOTOS:
         scores, indices = direct_topk(model, path, transform=transform)
         expected = [(rank, checkpoint['classes'][i], round(float(s), 3))
