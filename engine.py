@@ -50,6 +50,32 @@ def _injected_nan_at() -> Optional[Tuple[int, int, int]]:
     return tuple(int(v) for v in value.split(':')) if value else None
 
 
+def _pause_point() -> Optional[Tuple[Tuple[int, int, int], str]]:
+    """Test-only: ``DEIT_TEST_PAUSE_AT=rank:epoch:step:marker`` makes that process wait at that batch (see _pause);
+    the step counts the batches of this call's loader (from the batch resumed at, after a stop mid-epoch).
+
+    tests/test_reliability.py, tests/test_submitit.py and tests/test_e2e_main.py use it to signal or kill a run
+    at a known step instead of after a guessed time; never set it otherwise.
+    """
+    value = os.environ.get('DEIT_TEST_PAUSE_AT')
+    if not value:
+        return None
+    rank, epoch, step, marker = value.split(':', 3)
+    return (int(rank), int(epoch), int(step)), marker
+
+
+def _pause(marker: str, stop_requested: Optional[Callable[[], bool]]) -> None:
+    """Test-only (_pause_point): create the file ``marker``, then wait until a stop is requested or a signal
+    ends the process, at most a minute. Once only: nothing happens when ``marker`` exists already, so a
+    resumed run passes the same step."""
+    if os.path.exists(marker):
+        return
+    open(marker, 'w').close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (stop_requested is not None and stop_requested()):
+        time.sleep(0.005)
+
+
 def _check_step(loss_value: float, stop: bool, epoch: int, step: int, num_steps: int) -> float:
     """Stop every process together: NonFiniteLossError when the loss of any process is not finite,
     else TrainingStopped when any process was asked to stop.
@@ -162,6 +188,7 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: 
     # timm's second-order optimizers (AdaHessian) need the graph of the gradients.
     is_second_order = getattr(optimizer, 'is_second_order', False)
     nan_at = _injected_nan_at()
+    pause_at = _pause_point()
     data_loader = _WholeGroups(data_loader, accum_iter) if accum_iter > 1 else data_loader
 
     metric_logger = utils.MetricLogger(delimiter='  ')
@@ -182,6 +209,8 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: 
             loss_value = loss.item()
             if nan_at == (utils.get_rank(), epoch, step):
                 loss_value = math.nan
+            if pause_at is not None and pause_at[0] == (utils.get_rank(), epoch, step):
+                _pause(pause_at[1], stop_requested)
             # Every batch is checked (one collective each, on every process); a stop is taken only before the
             # first batch of an optimizer step, so that it lands between two steps.
             stop = first_of_step and stop_requested is not None and stop_requested()
