@@ -20,8 +20,8 @@
 Unreadable image files (``IMNET``, ``FOLDER``, ``INAT*``) raise ``CorruptImageError`` naming the file.
 With ``args.skip_corrupt`` such a file is skipped: the dataset returns the next readable sample instead
 and marks the file, and ``corrupt_count(dataset)`` / ``corrupt_files(dataset)`` report the files skipped
-so far. The marks live in shared memory, so the files found by DataLoader workers are seen by the main
-process.
+so far (``corrupt_count_all``: over all processes). The marks live in shared memory, so the files found
+by DataLoader workers are seen by the main process.
 
 Importing this module also fixes timm's RandAugment posterize for Pillow >= 13 (see ``_posterize``).
 """
@@ -33,6 +33,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data import auto_augment as timm_auto_augment
@@ -249,6 +250,17 @@ def corrupt_count(dataset: Dataset) -> int:
     """
     flags = getattr(dataset, 'corrupt', None)
     return 0 if flags is None else int(flags.sum())
+
+
+def corrupt_count_all(dataset: Dataset) -> int:
+    """corrupt_count over all processes of a torch.distributed run: the distinct files that any of them skipped
+    so far, a file met by several processes counted once. A collective call, made by every process."""
+    files = corrupt_files(dataset)
+    if not (dist.is_available() and dist.is_initialized()):
+        return len(files)
+    gathered: List[Optional[List[str]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, files)
+    return len(set().union(*gathered))
 
 
 def image_folder(root: str, transform: Optional[Callable] = None, skip_corrupt: bool = False) -> ImageFileDataset:

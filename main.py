@@ -19,20 +19,21 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from timm.scheduler import create_scheduler
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 
 import builders
 import checkpoints
 import models
 import tensorboard_log
 import utils
-from datasets import DATA_SETS, INAT_CATEGORIES, CorruptImageError
+from datasets import DATA_SETS, INAT_CATEGORIES, CorruptImageError, corrupt_count_all
 from engine import NonFiniteLossError, TrainingStopped, evaluate_all, train_one_epoch
 from losses import DISTILLATION_TYPES, DistillationLoss
 from stopping import StopRequest, skip_batches
@@ -195,6 +196,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='weight of the distillation term (default: %(default)s)')
     group.add_argument('--distillation-tau', default=1.0, type=float,
                        help='temperature of soft distillation (default: %(default)s)')
+    group.add_argument('--cosub', action='store_true',
+                       help='not supported: DeiT III\'s cosub training (the original\'s flag) and its models_v2 '
+                            'models are not part of this codebase yet')
 
     group = parser.add_argument_group('Finetuning')
     group.add_argument('--finetune', default='',
@@ -212,7 +216,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--inat-category', default='name', choices=INAT_CATEGORIES, type=str,
                        help='iNaturalist label level (default: %(default)s)')
     group.add_argument('--skip-corrupt', action='store_true',
-                       help='skip unreadable image files instead of stopping (default: off)')
+                       help='skip unreadable image files instead of stopping; how many were skipped so far is '
+                            'printed each epoch and logged as train_skipped_images / test_skipped_images '
+                            '(default: off)')
     group.add_argument('--output_dir', '--output-dir', default='',
                        help='where to write checkpoints and logs; a checkpoint.pth found there is resumed '
                             '(default: no output)')
@@ -259,6 +265,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='keep the data loading processes between epochs (default: off)')
 
     group = parser.add_argument_group('Distributed')
+    group.add_argument('--distributed', action='store_true',
+                       help='ignored, as by the original (kept so that its commands run): the launcher decides, a '
+                            'run started by torchrun or Slurm is distributed, `python main.py` is not')
     group.add_argument('--world_size', '--world-size', default=1, type=int,
                        help='number of processes; set by the launcher (torchrun, Slurm) (default: %(default)s)')
     group.add_argument('--dist_url', '--dist-url', default='env://',
@@ -277,6 +286,9 @@ def check_args(args: argparse.Namespace) -> None:
         tensorboard_log.check_available()
     if args.resplit:
         raise ValueError('--resplit applies to AugMix augmentation splits, which DeiT does not use; drop the flag')
+    if args.cosub:
+        raise ValueError('--cosub is DeiT III\'s cosub training, and DeiT III (its models_v2 models and --cosub) is '
+                         'not part of this codebase yet: drop the flag')
     if args.cooldown_epochs and args.sched not in CYCLIC_SCHEDULERS:
         raise ValueError(f'--cooldown-epochs extends the {", ".join(CYCLIC_SCHEDULERS)} schedules, not --sched '
                          f'{args.sched}')
@@ -340,6 +352,16 @@ def check_paths(args: argparse.Namespace) -> None:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ValueError(f'--output_dir {args.output_dir}: {existing} is not writable: choose another '
                              '--output_dir, or make it writable')
+
+
+def report_skipped(dataset_train: Optional[Dataset], dataset_val: Dataset) -> Dict[str, int]:
+    """--skip-corrupt: print how many unreadable image files were skipped so far, over all processes, and return
+    the counts as log.txt keys. Cumulative over epochs: a file is tried once, then always skipped."""
+    counts = {'train_skipped_images': corrupt_count_all(dataset_train)} if dataset_train is not None else {}
+    counts['test_skipped_images'] = corrupt_count_all(dataset_val)
+    print('Unreadable images skipped so far (--skip-corrupt): '
+          + ', '.join(f'{n} in {"training" if k.startswith("train") else "evaluation"}' for k, n in counts.items()))
+    return counts
 
 
 def git_revision() -> str:
@@ -408,6 +430,8 @@ def main(args: argparse.Namespace) -> None:
         ema_loaded = args.resume and checkpoints.restore(args.resume, model_without_ddp, model_ema)['ema_loaded']
         evaluate_all(loader_val, model, model_ema if ema_loaded and ema_on_device else None, device, amp_dtype,
                      args.eval_head)
+        if args.skip_corrupt:
+            report_skipped(None, dataset_val)
         return
 
     # ============ building the optimizer, schedule and loss ============
@@ -475,13 +499,14 @@ def main(args: argparse.Namespace) -> None:
             start_step = 0
             test_stats = evaluate_all(loader_val, model, model_ema if ema_on_device else None, device, amp_dtype,
                                       args.eval_head)
+            skipped = report_skipped(dataset_train, dataset_val) if args.skip_corrupt else {}
             lr_scheduler.step(epoch + 1, test_stats['test_acc1'])
             is_best = test_stats['test_acc1'] > max_accuracy
             max_accuracy = max(max_accuracy, test_stats['test_acc1'])
             print(f'Max accuracy: {max_accuracy:.2f}%')
 
             if output_dir is not None:
-                log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, **test_stats,
+                log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, **test_stats, **skipped,
                              'epoch': epoch, 'n_parameters': n_parameters}
                 checkpoint = checkpoints.training_checkpoint(epoch, model_without_ddp, model_ema, args, max_accuracy,
                                                              dataset_train.classes, **training_state)

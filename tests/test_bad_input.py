@@ -4,6 +4,7 @@
 The table runs main.py's command line in this process (``main.cli``, what ``python main.py`` runs); two
 tests run ``python main.py`` itself for what only a real process shows (its exit status and stderr).
 """
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import torch
 from conftest import FOLDER_CLASSES, write_image_folder
 
 import main
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ['--model', 'test_vit', '--input-size', '32', '--num_workers', '0', '--device', 'cpu', '--aa', 'none',
@@ -100,6 +102,12 @@ CASES = {
                                 'is a file, not a folder: choose another --output_dir'),
     'corrupt image in the data': (lambda d, out: folder(d.corrupt, '--epochs', '2', '--num_workers', '1'),
                                   'replace or remove the file, or pass --skip-corrupt'),
+    'resume file missing': (lambda d, out: folder(d.images, '--eval', '--resume', str(d.tmp / 'missing.pth')),
+                            'missing.pth: no such file'),
+    '--resplit (an AugMix option)': (lambda d, out: folder(d.images, '--resplit', '--epochs', '1'),
+                                     '--resplit applies to AugMix'),
+    '--cosub (DeiT III)': (lambda d, out: folder(d.images, '--cosub', '--epochs', '1'),
+                           'DeiT III (its models_v2 models and --cosub) is not part of this codebase yet'),
 }
 
 
@@ -157,3 +165,31 @@ def test_an_error_in_a_data_loader_worker_does_not_hang_the_exit(data):
     proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120)
     assert proc.returncode == 1 and 'CorruptImageError: cannot read image' in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_original_distributed_flag_parses_and_the_launcher_decides(monkeypatch):
+    """The original parsed --distributed and ignored it (its launcher decided): its commands still run."""
+    for name in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID', 'SLURM_NTASKS'):
+        monkeypatch.delenv(name, raising=False)
+    args = main.get_args_parser().parse_args([*FAST, '--distributed'])
+    utils.init_distributed_mode(args)
+    assert args.distributed is False and args.world_size == 1
+    flag = next(a for a in main.get_args_parser()._actions if '--distributed' in a.option_strings)
+    assert flag.help.startswith('ignored')
+
+
+def test_skip_corrupt_reports_how_many_images_were_skipped(tmp_path, capsys):
+    """--skip-corrupt on a folder with two unreadable training files (garbage, a truncated JPEG) and one
+    unreadable evaluation file: every epoch prints how many were skipped so far, and log.txt holds the counts."""
+    root = write_image_folder(tmp_path / 'data', {'ant': (8, 2), 'bee': (8, 2)})
+    (root / 'train' / 'ant' / '3.jpg').write_bytes(b'not an image at all')
+    whole = (root / 'train' / 'bee' / '5.jpg').read_bytes()
+    (root / 'train' / 'bee' / '5.jpg').write_bytes(whole[:len(whole) // 2])
+    (root / 'val' / 'bee' / '1.jpg').write_bytes(b'')
+    out = tmp_path / 'out'
+    with pytest.warns(UserWarning, match='skipping unreadable image'):
+        main.cli(folder(root, '--batch-size', '4', '--epochs', '2', '--skip-corrupt', '--output_dir', str(out)))
+    stdout = capsys.readouterr().out
+    assert stdout.count('Unreadable images skipped so far (--skip-corrupt): 2 in training, 1 in evaluation') == 2
+    logs = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert [(e['train_skipped_images'], e['test_skipped_images']) for e in logs] == [(2, 1), (2, 1)]
