@@ -27,6 +27,11 @@ TRAINING = ['--data-set', 'DIGITS', '--model', 'test_vit', '--input-size', '32',
 JOB_ID = re.compile(r'Submitted job_id: (\S+)')
 
 
+def folder_training(folder: Path) -> List[str]:
+    """TRAINING on the small JPEG folder of conftest.py instead: the job's processes skip scikit-learn's import."""
+    return [*TRAINING, '--data-set', 'FOLDER', '--data-path', str(folder), '--batch-size', '16']
+
+
 def epochs_logged(output_dir: Path) -> List[int]:
     return [json.loads(line)['epoch'] for line in (output_dir / 'log.txt').read_text().splitlines()]
 
@@ -59,9 +64,9 @@ def wait_until(condition: Callable[[], bool], launcher: subprocess.Popen, timeou
 # ============ jobs on the local executor ============
 
 
-def test_local_job_of_two_processes_trains_and_writes_once(tmp_path):
-    proc = subprocess.run([sys.executable, LAUNCHER, *LOCAL, *TRAINING, '--epochs', '2'], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+def test_local_job_of_two_processes_trains_and_writes_once(image_folder, tmp_path):
+    proc = subprocess.run([sys.executable, LAUNCHER, *LOCAL, *folder_training(image_folder), '--epochs', '2'],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = JOB_ID.search(proc.stdout)[1]
     # No --job_dir / --output_dir: both are ./jobs/%j, with %j the job id.
@@ -77,11 +82,15 @@ def test_local_job_of_two_processes_trains_and_writes_once(tmp_path):
     assert not [p.name for p in folder.iterdir() if p.name.startswith('.')]
 
 
-def test_preempted_job_requeues_and_resumes_from_its_checkpoint(tmp_path):
+def test_preempted_job_requeues_and_resumes_from_its_checkpoint(image_folder, tmp_path):
     job_dir, output_dir = tmp_path / 'jobs' / '%j', tmp_path / 'out' / '%j'
-    launcher = subprocess.Popen([sys.executable, LAUNCHER, *LOCAL, *TRAINING, '--epochs', '2', '--job_dir',
-                                 str(job_dir), '--output_dir', str(output_dir)],
-                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The tasks inherit the launcher's environment: the test-only switch DEIT_TEST_PAUSE_AT holds rank 0 at
+    # epoch 1, step 0 (epoch 0 saved) and creates the marker file, once; the requeued job passes that step.
+    marker = tmp_path / 'held'
+    launcher = subprocess.Popen([sys.executable, LAUNCHER, *LOCAL, *folder_training(image_folder), '--epochs', '2',
+                                 '--job_dir', str(job_dir), '--output_dir', str(output_dir)], cwd=tmp_path,
+                                env={**os.environ, 'DEIT_TEST_PAUSE_AT': f'0:1:0:{marker}'},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     job_id = None
     try:
         for line in launcher.stdout:  # warnings may come first
@@ -89,11 +98,7 @@ def test_preempted_job_requeues_and_resumes_from_its_checkpoint(tmp_path):
                 job_id = found[1]
                 break
         assert job_id is not None, 'the launcher did not submit a job'
-        # Epoch 0 done: main.py writes its log line, then checkpoint.pth; wait for both, so that the signal
-        # lands in epoch 1 and not in the middle of a checkpoint write.
-        out = Path(run_with_submitit.expand_job_id(str(output_dir), job_id))
-        wait_until(lambda: (out / 'checkpoint.pth').exists() and bool((out / 'log.txt').read_text().strip()),
-                   launcher)
+        wait_until(marker.exists, launcher)
         # Preempt during epoch 1 as Slurm does (`scancel --signal USR2`, submitit's SlurmJob._interrupt) and as
         # the local executor does at its time limit: the signal goes to every task. The local job's own
         # _interrupt() signals the controller process instead, which dies of it without requeuing.
