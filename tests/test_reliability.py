@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
+from conftest import write_image_folder
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 import builders
@@ -34,6 +35,7 @@ import datasets
 import engine
 import main
 import models
+import samplers
 import stopping
 import utils
 
@@ -374,6 +376,32 @@ def test_skipping_batches_of_a_resumed_epoch_reads_the_rest_of_the_same_order():
     rest = stopping.skip_batches(loader, 5)
     assert len(rest) == len(full) - 5
     assert [batch[0].tolist() for batch in rest] == full[5:]
+
+
+def test_unreadable_images_met_by_two_processes_are_counted_once(tmp_path):
+    """--skip-corrupt on 2 gloo processes: the images that repeated augmentation draws in epoch 0 are made
+    unreadable, among them one that both processes read (copies of an image go to both). The count is of
+    distinct files over the processes, not the sum of what each met."""
+    root = write_image_folder(tmp_path / 'data', {'ant': (2, 1), 'bee': (2, 1)})
+    samples = datasets.image_folder(str(root / 'train')).samples
+    drawn = []
+    for rank in range(2):  # main.py's training sampler under 2 processes, --seed 0, epoch 0
+        sampler = samplers.RASampler(samples, num_replicas=2, rank=rank, seed=0)
+        sampler.set_epoch(0)
+        drawn.append(set(sampler))
+    assert drawn[0] & drawn[1]
+    for i in drawn[0] | drawn[1]:
+        Path(samples[i][0]).write_bytes(b'not an image at all')
+    out = tmp_path / 'out'
+    outputs = [tmp_path / f'rank{rank}.txt' for rank in range(2)]
+    ranks = start_ranks(folder_flags(root, '--batch-size', '2', '--epochs', '1', '--skip-corrupt', '--output_dir',
+                                     str(out)), outputs)
+    for process in ranks:
+        process.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0], outputs[0].read_text()[-3000:]
+    count = len(drawn[0] | drawn[1])
+    assert f'skipped so far (--skip-corrupt): {count} in training, 0 in evaluation' in outputs[0].read_text()
+    assert json.loads((out / 'log.txt').read_text())['train_skipped_images'] == count
 
 
 # ============ 3. a NaN on one of two processes ============
