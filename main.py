@@ -106,8 +106,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA',
                        help='optimizer betas (default: the optimizer\'s own)')
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM',
-                       help='clip the gradient norm to this value (default: no clipping); 1.0 can help when the '
-                            'loss spikes')
+                       help='clip the gradient norm to this value (default: no clipping); 0 disables clipping too '
+                            '(the original zeroed every gradient with it); 1.0 can help when the loss spikes')
     group.add_argument('--momentum', type=float, default=0.9, metavar='M',
                        help='momentum of SGD-like optimizers (default: %(default)s)')
     group.add_argument('--weight-decay', type=float, default=0.05, help='weight decay (default: %(default)s)')
