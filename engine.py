@@ -76,6 +76,16 @@ def _pause(marker: str, stop_requested: Optional[Callable[[], bool]]) -> None:
         time.sleep(0.005)
 
 
+def _test_hooks(epoch: int, step: int, loss_value: float, stop_requested: Optional[Callable[[], bool]]) -> float:
+    """The test-only switches at this batch (DEIT_TEST_PAUSE_AT, DEIT_TEST_NAN_AT), inactive without their
+    environment variables; returns the loss value, NaN where DEIT_TEST_NAN_AT says."""
+    where = (utils.get_rank(), epoch, step)
+    pause_at = _pause_point()
+    if pause_at is not None and pause_at[0] == where:
+        _pause(pause_at[1], stop_requested)
+    return math.nan if _injected_nan_at() == where else loss_value
+
+
 def _check_step(loss_value: float, stop: bool, epoch: int, step: int, num_steps: int) -> float:
     """Stop every process together: NonFiniteLossError when the loss of any process is not finite,
     else TrainingStopped when any process was asked to stop.
@@ -187,8 +197,6 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: 
     autocast = _autocast(device, amp_dtype)
     # timm's second-order optimizers (AdaHessian) need the graph of the gradients.
     is_second_order = getattr(optimizer, 'is_second_order', False)
-    nan_at = _injected_nan_at()
-    pause_at = _pause_point()
     data_loader = _WholeGroups(data_loader, accum_iter) if accum_iter > 1 else data_loader
 
     metric_logger = utils.MetricLogger(delimiter='  ')
@@ -206,11 +214,7 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: 
             with autocast:
                 outputs = model(samples)
                 loss = criterion(samples, outputs, targets)
-            loss_value = loss.item()
-            if nan_at == (utils.get_rank(), epoch, step):
-                loss_value = math.nan
-            if pause_at is not None and pause_at[0] == (utils.get_rank(), epoch, step):
-                _pause(pause_at[1], stop_requested)
+            loss_value = _test_hooks(epoch, step, loss.item(), stop_requested)
             # Every batch is checked (one collective each, on every process); a stop is taken only before the
             # first batch of an optimizer step, so that it lands between two steps.
             stop = first_of_step and stop_requested is not None and stop_requested()

@@ -409,8 +409,8 @@ def test_unreadable_images_met_by_two_processes_are_counted_once(tmp_path):
 
 def test_nan_on_one_rank_stops_both_ranks_with_the_same_error_and_keeps_the_checkpoint(image_folder, tmp_path):
     """torchrun, 2 processes on gloo: process 1's loss is NaN at epoch 1, step 2 (the test-only switch
-    DEIT_TEST_NAN_AT). Both processes stop there with the same error and exit status 1 within seconds (the
-    original left the other one waiting in its all-reduce forever); epoch 0's checkpoint is untouched."""
+    DEIT_TEST_NAN_AT). Both processes stop there, each with the same error and exit status 1 (the original
+    exited process 1 alone and left the other waiting in its all-reduce); epoch 0's checkpoint is untouched."""
     out = tmp_path / 'out'
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                str(ROOT / 'main.py'), *folder_flags(image_folder, '--batch-size', '8', '--epochs', '3',
