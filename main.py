@@ -266,8 +266,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Distributed')
     group.add_argument('--distributed', action='store_true',
-                       help='ignored, as by the original (kept so that its commands run): the launcher decides, a '
-                            'run started by torchrun or Slurm is distributed, `python main.py` is not')
+                       help='ignored, as by the original, whose commands keep it: the launcher decides, a run '
+                            'started by torchrun or Slurm is distributed, `python main.py` is not (default: off)')
     group.add_argument('--world_size', '--world-size', default=1, type=int,
                        help='number of processes; set by the launcher (torchrun, Slurm) (default: %(default)s)')
     group.add_argument('--dist_url', '--dist-url', default='env://',
