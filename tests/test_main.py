@@ -45,7 +45,7 @@ ORIGINAL_DEFAULTS = {
     'data_path': '/datasets01/imagenet_full_size/061417/', 'data_set': 'IMNET', 'inat_category': 'name',
     'output_dir': '', 'seed': 0, 'resume': '', 'start_epoch': 0, 'eval': False, 'eval_crop_ratio': 0.875,
     'dist_eval': False, 'num_workers': 10, 'pin_mem': True,
-    'world_size': 1, 'dist_url': 'env://',
+    'world_size': 1, 'dist_url': 'env://', 'distributed': False, 'cosub': False,
 }
 
 
