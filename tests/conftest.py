@@ -1,8 +1,9 @@
-"""Shared fixtures: a small folder of real JPEG files in the ImageNet layout."""
+"""Shared fixtures: a small folder of real JPEG files in the ImageNet layout, one torch thread per module."""
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # Class name -> (train images, val images). Val counts all different, 11 in all: an odd number, so that
@@ -38,3 +39,14 @@ def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv('TORCH_HOME', str(home))
     return home
 
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One intra-op thread for a module whose runs train in the test process (``main.cli``): these models are
+    too small to gain from more, and on a small shared machine two threads that wait on each other make every
+    step several times slower. Modules use it through ``pytestmark = pytest.mark.usefixtures('one_thread')``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,14 +35,7 @@ def data_flags(folder: Path, batch_size: int = 4) -> list:
             '--device', 'cpu', '--batch-size', str(batch_size)]
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: these models are too small to gain from more, and on a shared machine two threads
-    that wait on each other make every forward pass several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 from typing import Dict, List, Tuple
 
 import pytest
-import torch
 from conftest import FOLDER_CLASSES, write_image_folder
 
 import main
@@ -27,13 +26,7 @@ DISTILLED = ['--model', 'deit_tiny_distilled_patch16_224', '--distillation-type'
 UNREACHABLE = 'https://127.0.0.1:9/deit_tiny_patch16_224-a1311bcf.pth'  # a closed port: refused at once, offline
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The runs below train in this process; one thread each is faster on a small, shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def snapshot(folder: Path) -> Dict[str, Tuple[bytes, int]]:

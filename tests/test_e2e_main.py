@@ -37,13 +37,7 @@ def env(**extra: str) -> Dict[str, str]:
     return {**os.environ, 'OMP_NUM_THREADS': '1', **extra}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The same for the runs of main.py's command line in this process (main.cli)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny_flags(folder: Path, *extra: str) -> List[str]:

@@ -42,13 +42,7 @@ ACCUM = ['--warmup-epochs', '0', '--opt', 'sgd', '--lr', '0.5']
 WEIGHT_TOLERANCE = 1e-6
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The runs below train in this process; one thread each is faster on a small, shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def run(folder: Path, *extra: str) -> str:
