@@ -17,6 +17,10 @@ VARIANT_NAMES = {
     'hard_transformer': 'DeiT-Ti distilled, hard, transformer teacher',
     'two_class_tokens': 'control: second class token (--dist-head-on-labels)',
 }
+SHORT_NAMES = {'none': 'no distillation', 'soft_convnet': 'soft,\nconvnet teacher',
+               'hard_convnet': 'hard,\nconvnet teacher', 'soft_transformer': 'soft,\ntransformer teacher',
+               'hard_transformer': 'hard,\ntransformer teacher',
+               'two_class_tokens': 'control:\ntwo class tokens'}
 
 # ============ the paper's figures (DeiT, arXiv 2012.12877: ImageNet top-1 %, 300 epochs, DeiT-B students) ============
 
@@ -173,11 +177,12 @@ def plot_accuracy(summary: Dict[str, Any], out: Path) -> None:
                label=HEAD_NAMES[head])
     for (teacher, t), style in zip(summary['teachers'].items(), ('--', ':')):
         ax.axhline(t['acc1'], color='k', linestyle=style, linewidth=1, label=f'{teacher} teacher ({t["model"]})')
-    ax.set_xticks(range(len(variants)), [VARIANT_NAMES[v].replace(', ', '\n', 1) for v in variants], fontsize=7)
+    ax.set_xticks(range(len(variants)), [SHORT_NAMES[v] for v in variants], fontsize=8)
+    ax.set_xlabel('DeiT-Ti student')
     ax.set_ylabel('top-1 accuracy on DIGITS val (%)')
     lows = [s['mean'] - s['std'] for heads in summary['accuracy'].values() for s in heads.values()]
     ax.set_ylim(max(0.0, min(lows) - 5), 100)
-    ax.legend(fontsize=7, loc='lower right')
+    ax.legend(fontsize=7, loc='lower center', bbox_to_anchor=(0.5, 1.0), ncol=5, frameon=False)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
