@@ -12,7 +12,7 @@ distillation token (main.py --dist-head-on-labels). analyze.py's functions then 
 the cosine of the class and distillation tokens through the blocks, and how often each head disagrees with each
 teacher; reproduce_report.py writes report.md (the paper's figure beside each of ours), results.json and the figures.
 
-Each run is `python main.py ...` in a subprocess, its output in <output_dir>/runs/<run>/stdout.txt. A run whose
+Each run is `python main.py ...` in a child process, its output in <output_dir>/runs/<run>/stdout.txt. A run whose
 folder holds done.json is finished and skipped when the script starts again; an interrupted run resumes from its
 checkpoint.pth (main.py's own resume). Exit status: 0 done; 1 a run failed; 2 a user error, in one line; 3 stopped
 (SIGTERM or Ctrl-C), the runs in progress having saved their state.
@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -34,6 +35,7 @@ import timm
 import torch
 from torch.utils.data import DataLoader
 
+import main as deit_main
 import reproduce_report
 from analyze import disagreement, head_accuracies, load_model, token_cosines, top1_predictions
 from datasets import DIGITS_SIZES, DigitsDataset, build_dataset
@@ -60,11 +62,12 @@ class Setting:
     input_size: int = 32           # 8x8 scans x 4: 2x2 patches of 16; main.py's padded-crop path for inputs <= 32
     batch_size: int = 64           # main.py's default
     lr: float = 5e-4               # the paper's per-step lr (its value for a 512 batch), not scaled down by 8
-    student_epochs: int = 30
-    convnet_epochs: int = 30       # the students' recipe and length, as the paper's teacher
-    transformer_epochs: int = 90   # longer, to come near the convnet's accuracy (the paper pairs teachers of
-    #                                similar accuracy: RegNetY-8GF 81.7 and DeiT-B 81.8)
-    train_fraction: float = 1.0    # share of the 1442 training images, the same k first scans of each digit
+    student_epochs: int = 30       # 330 steps of 64 images: what 30 student runs afford in under an hour on 2 cores
+    convnet_epochs: int = 200      # teachers train longer than the students, so that they are clearly better than a
+    transformer_epochs: int = 100  # student trained alone; the convnet twice as long, as it learns more slowly per
+    #                                step here (probes of 30 epochs on all 1442 images: regnety_002 54%, DeiT-Ti 81%),
+    #                                to come near the transformer's accuracy as the paper's pair (81.7 / 81.8)
+    train_fraction: float = 0.5    # share of the 1442 training images, the same k first scans of each digit
     val_fraction: float = 1.0      # share of the 355 validation images (all but in --quick)
 
 
@@ -143,37 +146,60 @@ def finished(folder: Path) -> bool:
 
 
 class Grid:
-    """Runs main.py subprocesses, ``jobs`` at a time, each student after its teacher; prints progress and ETA."""
+    """Runs main.py in child processes, ``jobs`` at a time, each student after its teacher; prints progress and ETA.
 
-    def __init__(self, runs: List[Run], setting: Setting, out: Path, device: str, jobs: int, threads: int) -> None:
+    The ETA is the epochs left times the wall time per epoch trained so far in this invocation (epochs counted
+    from the runs' log.txt, so runs in progress count too).
+    """
+
+    def __init__(self, runs: List[Run], setting: Setting, out: Path, device: str, jobs: int, threads: int,
+                 heartbeat_s: float = 300) -> None:
         self.runs, self.setting, self.out, self.device = runs, setting, out, device
-        self.jobs, self.threads = jobs, threads
+        self.jobs, self.threads, self.heartbeat_s = jobs, threads, heartbeat_s
         self.data = data_flags(setting, out)
-        self.epochs_done = 0  # in this invocation, for the ETA
-        self.start = time.time()
+        self.index = {run.name: i for i, run in enumerate(runs, 1)}
+        self.processes: Dict[int, subprocess.Popen] = {}  # the runs started as new interpreters, by pid
 
     def folder(self, run: Run) -> Path:
         return self.out / 'runs' / run.name
 
-    def _eta(self, left_epochs: int) -> str:
-        if not self.epochs_done:
-            return 'ETA after the first run'
-        seconds = (time.time() - self.start) / self.epochs_done * left_epochs
+    def _epochs_logged(self, run: Run) -> int:
+        log = self.folder(run) / 'log.txt'
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    def _eta(self, trained: int, left: int) -> str:
+        if not trained:
+            return 'ETA after the first epoch'
+        seconds = (time.time() - self.start) / trained * left
         ends = time.strftime('%H:%M', time.localtime(time.time() + seconds))
         return f'about {reproduce_report.duration(seconds)} left (ends ~{ends})'
 
-    def _launch(self, run: Run) -> subprocess.Popen:
+    def _launch(self, run: Run) -> int:
+        """Start `python main.py <flags>` of ``run`` in a child process; returns its pid.
+
+        On the CPU the child is a fork of this process (run_main), which spares each run the seconds of importing
+        torch and timm; CUDA does not survive a fork once the parent has touched it (torch.cuda.is_available()
+        does), so on a GPU each run is a new interpreter.
+        """
         folder = self.folder(run)
         folder.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-        command = [sys.executable, str(HERE / 'main.py'),
-                   *main_flags(run, self.setting, self.data, self.out, self.device)]
+        flags = main_flags(run, self.setting, self.data, self.out, self.device)
         with (folder / 'stdout.txt').open('a') as log:
-            log.write(f'$ {" ".join(command)}\n')
+            log.write(f'$ python main.py {" ".join(flags)}\n')
             log.flush()
-            return subprocess.Popen(command, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+            if torch.device(self.device).type != 'cpu':
+                process = subprocess.Popen([sys.executable, str(HERE / 'main.py'), *flags], cwd=HERE, stdout=log,
+                                           stderr=subprocess.STDOUT)
+                self.processes[process.pid] = process
+                return process.pid
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            run_main(flags, folder / 'stdout.txt', self.threads)
+        return pid
 
-    def _finish(self, run: Run, code: int, usage: Any, started: float) -> None:
+    def _finish(self, run: Run, code: int, usage: Any, started: float) -> float:
+        """Write done.json of a run that exited with ``code``; returns its final top-1."""
         folder = self.folder(run)
         if code != 0:
             raise RuntimeError(f'{run.name}: main.py exited with status {code}; see {folder / "stdout.txt"}')
@@ -183,56 +209,98 @@ class Grid:
         done = {'wall_s': time.time() - started, 'cpu_s': usage.ru_utime + usage.ru_stime, 'threads': self.threads,
                 'test_acc1': log[-1]['test_acc1'], 'epochs': run.epochs}
         (folder / 'done.json').write_text(json.dumps(done, indent=2) + '\n')
+        return done['test_acc1']
+
+    def _todo(self) -> List[Run]:
+        todo = []
+        for run in self.runs:
+            if finished(self.folder(run)):
+                print(f'skip run {self.index[run.name]}/{len(self.runs)}: {run.name}, finished earlier '
+                      f'({self.folder(run) / "done.json"})')
+            else:
+                todo.append(run)
+        return todo
 
     def run(self) -> None:
         """Every run not finished before, in plan order as far as teachers and ``jobs`` allow."""
-        todo = []
-        for i, run in enumerate(self.runs, 1):
-            if finished(self.folder(run)):
-                print(f'[{i}/{len(self.runs)}] skip {run.name}: finished earlier ({self.folder(run) / "done.json"})')
-            else:
-                todo.append(run)
-        left_epochs = sum(r.epochs for r in todo)
-        running: Dict[int, tuple] = {}
-        index = {run.name: i for i, run in enumerate(self.runs, 1)}
+        todo = self._todo()
+        self.start = time.time()
+        left = sum(r.epochs - self._epochs_logged(r) for r in todo)  # epochs still to train
+        trained = 0  # epochs trained by the runs that ended in this invocation
+        running: Dict[int, tuple] = {}  # pid: (run, start time, epochs logged at start)
+        last_heartbeat = time.time()
         try:
             while todo or running:
                 ready = [r for r in todo if not r.teacher or finished(self.out / 'runs' / f'teacher_{r.teacher}')]
                 while ready and len(running) < self.jobs:
                     run = ready.pop(0)
                     todo.remove(run)
-                    resumed = (self.folder(run) / 'checkpoint.pth').exists()
-                    print(f'[{index[run.name]}/{len(self.runs)}] start {run.name} ({run.model}, {run.epochs} epochs'
-                          f'{", resuming" if resumed else ""}); {self._eta(left_epochs)}', flush=True)
-                    process = self._launch(run)
-                    running[process.pid] = (run, process, time.time())
+                    logged = self._epochs_logged(run)
+                    print(f'start run {self.index[run.name]}/{len(self.runs)}: {run.name} ({run.model}, {run.epochs} '
+                          f'epochs{f", resuming after {logged}" if logged else ""})', flush=True)
+                    running[self._launch(run)] = (run, time.time(), logged)
                 if not running:
                     raise RuntimeError('no run can start: a teacher is missing from the plan')
-                pid, status, usage = os.wait4(-1, 0)
-                if pid not in running:
-                    continue
-                run, process, started = running.pop(pid)
-                process.returncode = os.waitstatus_to_exitcode(status)
-                self._finish(run, process.returncode, usage, started)
-                self.epochs_done += run.epochs
-                left_epochs -= run.epochs
-                acc = json.loads((self.folder(run) / 'done.json').read_text())['test_acc1']
-                print(f'[{index[run.name]}/{len(self.runs)}] done {run.name} in '
-                      f'{reproduce_report.duration(time.time() - started)}, top-1 {acc:.1f}%; '
-                      f'{len(todo) + len(running)} runs to go, {self._eta(left_epochs)}', flush=True)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+                in_progress = sum(self._epochs_logged(r) - n for r, _, n in running.values())
+                if pid in running:
+                    run, started, logged = running.pop(pid)
+                    code = os.waitstatus_to_exitcode(status)
+                    if pid in self.processes:  # reaped here: tell its Popen
+                        self.processes.pop(pid).returncode = code
+                    acc = self._finish(run, code, usage, started)
+                    trained, left = trained + run.epochs - logged, left - (run.epochs - logged)
+                    in_progress -= run.epochs - logged
+                    done = len(self.runs) - len(todo) - len(running)
+                    print(f'[{done}/{len(self.runs)} runs done] {run.name} in '
+                          f'{reproduce_report.duration(time.time() - started)}, top-1 {acc:.1f}%; '
+                          f'{self._eta(trained + in_progress, left - in_progress)}', flush=True)
+                elif time.time() - last_heartbeat > self.heartbeat_s:
+                    last_heartbeat = time.time()
+                    epochs = ', '.join(f'{r.name} epoch {self._epochs_logged(r)}/{r.epochs}'
+                                       for r, _, _ in running.values())
+                    print(f'[{len(self.runs) - len(todo) - len(running)}/{len(self.runs)} runs done] in progress: '
+                          f'{epochs}; {self._eta(trained + in_progress, left - in_progress)}', flush=True)
+                else:
+                    time.sleep(0.5)
         finally:
-            for _, process, _ in running.values():  # stopped: each saves its step and exits (main.py's SIGTERM)
-                process.send_signal(signal.SIGTERM)
-            for _, process, _ in running.values():
-                process.wait()
+            for pid in running:  # stopped: each saves its step and exits (main.py's SIGTERM)
+                os.kill(pid, signal.SIGTERM)
+            for pid in running:
+                os.waitpid(pid, 0)
+
+
+def run_main(flags: List[str], stdout: Path, threads: int) -> None:
+    """In a forked child: main.py's command line, its output appended to ``stdout``; exits with its status.
+
+    A fork rather than a new interpreter spares each run the seconds of importing torch and timm; the run is
+    the same as `python main.py <flags>`, and main.py stops it cleanly on SIGTERM once it trains.
+    """
+    code = EXIT_FAILED
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with stdout.open('a') as log:
+            os.dup2(log.fileno(), sys.stdout.fileno())
+            os.dup2(log.fileno(), sys.stderr.fileno())
+        torch.set_num_threads(threads)
+        deit_main.cli(flags)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else EXIT_FAILED
+    except BaseException:  # the traceback goes to the run's stdout.txt, the status to the grid
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 # ============ analyses ============
 
 
 def val_loader(setting: Setting, data: List[str]) -> DataLoader:
     """main.py's validation loader of the grid's data: eval transform, in order, batch 1.5 x batch size."""
-    import main  # a launcher may import main.py: its parser gives the flags' defaults (eval crop ratio, ...)
-    args = main.get_args_parser().parse_args([*data, '--input-size', str(setting.input_size)])
+    args = deit_main.get_args_parser().parse_args([*data, '--input-size', str(setting.input_size)])
     dataset, _ = build_dataset(is_train=False, args=args)
     return DataLoader(dataset, batch_size=int(1.5 * setting.batch_size), shuffle=False, num_workers=0)
 
@@ -325,11 +393,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def made_by(argv: List[str], seeds: int, args: argparse.Namespace) -> Dict[str, Any]:
     """What made the report: command line, git revision, versions, machine, seeds."""
-    import main  # a launcher may import main.py
     device = args.device
     if torch.device(device).type == 'cuda':
         device += f' ({torch.cuda.get_device_name()})'
-    return {'command': ' '.join(['python', 'reproduce.py', *argv]), 'git': main.git_revision(),
+    return {'command': ' '.join(['python', 'reproduce.py', *argv]), 'git': deit_main.git_revision(),
             'python': platform.python_version(),
             'torch': torch.__version__, 'timm': timm.__version__, 'numpy': np.__version__,
             'machine': f'{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU '
@@ -367,7 +434,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     except ValueError as e:
         parser.exit(EXIT_USER_ERROR, f'{parser.prog}: error: {e}\n')
     made = made_by(argv, seeds, args)
-    torch.set_num_threads(args.threads)
     runs = plan(setting, seeds)
     print(f'{len(runs)} runs ({len(TEACHERS)} teachers, {len(VARIANTS)} student variants x {seeds} seeds), '
           f'{args.jobs} at a time, {args.threads} thread(s) each, into {out / "runs"}', flush=True)
@@ -379,10 +445,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.exit(EXIT_FAILED, f'{parser.prog}: {e}\n')
     except KeyboardInterrupt:
         parser.exit(EXIT_STOPPED, f'{parser.prog}: stopped; the same command goes on from where the runs stopped\n')
+    torch.set_num_threads(args.threads)  # only now: the runs are forked from a process that computed nothing
     measured = analyse_all(grid, device)
     made['finished'] = time.strftime('%Y-%m-%d %H:%M:%S')
-    reproduce_report.write(out, made, {'name': name, 'description': reproduce_report.describe(setting, DIGITS_SIZES),
-                                    **asdict(setting)}, measured, agreement(measured))
+    description = reproduce_report.describe(setting, DIGITS_SIZES, TEACHERS)
+    if args.quick:
+        description.insert(0, '--quick: one seed, one epoch per run, a quarter of the images: a check that the '
+                              'pipeline runs end to end. Its figures mean nothing.')
+    reproduce_report.write(out, made, {'name': name, 'description': description, **asdict(setting)}, measured,
+                           agreement(measured))
     print(f'wrote {out / "report.md"}, {out / "results.json"} and the figures in {out}')
 
 

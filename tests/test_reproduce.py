@@ -67,8 +67,9 @@ def test_started_again_it_skips_every_finished_run(first):
     assert len(logs) == len(checkpoints) == 2 + len(VARIANTS)
     again = quick(out)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    skipped = [line for line in again.stdout.splitlines() if ' skip ' in line and 'finished earlier' in line]
+    skipped = [line for line in again.stdout.splitlines()
+               if line.startswith("skip run ") and "finished earlier" in line]
     assert len(skipped) == len(logs)
-    assert not [line for line in again.stdout.splitlines() if '] start ' in line]
+    assert not [line for line in again.stdout.splitlines() if line.startswith('start run ')]
     assert {path: path.read_bytes() for path in logs} == logs
     assert {path: path.stat().st_mtime_ns for path in checkpoints} == checkpoints
