@@ -370,7 +370,7 @@ def agreement(measured: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('DeiT section 5 reproduction on DIGITS', description=__doc__,
+    parser = argparse.ArgumentParser('reproduce.py', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--output_dir', '--output-dir', default='reproduce_out',
                         help='folder of the runs, report.md, results.json and the figures (default: %(default)s)')
