@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from reproduce import VARIANTS
-from reproduce_report import VARIANT_NAMES
+from reproduce_report import VARIANT_NAMES, verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b'\x89PNG\r\n\x1a\n'
@@ -73,3 +73,18 @@ def test_started_again_it_skips_every_finished_run(first):
     assert not [line for line in again.stdout.splitlines() if line.startswith('start run ')]
     assert {path: path.read_bytes() for path in logs} == logs
     assert {path: path.stat().st_mtime_ns for path in checkpoints} == checkpoints
+
+
+@pytest.mark.parametrize('diffs, kind, expected', [
+    ([1.0, 1.2, 0.8, 1.1, 0.9], '>', 'holds'),                     # mean 1.0, SE 0.071
+    ([0.3, -0.2, 0.4, -0.1, 0.1], '>', 'not shown (within 2 SE)'),  # mean 0.1, SE 0.12
+    ([-1.0, -1.2, -0.8, -1.1, -0.9], '>', 'reversed'),
+    ([0.3, -0.2, 0.4, -0.1, 0.1], '<=', 'holds'),                   # not better by more than 2 SE
+    ([1.0, 1.2, 0.8, 1.1, 0.9], '<=', 'does not hold (better by more than 2 SE)'),
+])
+def test_verdict_is_the_sign_of_the_mean_paired_difference_beyond_two_standard_errors(diffs, kind, expected):
+    assert verdict(diffs, kind) == expected
+
+
+def test_one_seed_gives_no_verdict():
+    assert verdict([0.5], '>').startswith('one seed: no verdict')
