@@ -21,6 +21,7 @@ import models
 import utils
 from checkpoints import load_weights, weights_of
 from datasets import build_dataset
+from losses import DistillationLoss
 from samplers import RASampler
 from stopping import end_workers_at_exit, ignore_stop_signals
 
@@ -143,6 +144,37 @@ def build_teacher(args: argparse.Namespace, nb_classes: int, device: torch.devic
                  flag='--teacher-model')
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     return teacher.to(device, memory_format=memory_format).eval()
+
+
+def check_distillation_head(args: argparse.Namespace, model: nn.Module) -> None:
+    """Refuse --dist-head-on-labels without a distillation head or with a teacher (--distillation-type soft/hard)."""
+    if args.eval or not args.dist_head_on_labels:
+        return
+    if args.distillation_type != 'none':
+        raise ValueError(f'--dist-head-on-labels trains the distillation head on the labels, without a teacher, and '
+                         f'--distillation-type {args.distillation_type} trains it on the teacher: give one of them')
+    if not isinstance(model, models.DistilledVisionTransformer):
+        raise ValueError(f'--dist-head-on-labels trains the distillation head, and --model {args.model} has none: use '
+                         'a *_distilled_* model (e.g. deit_tiny_distilled_patch16_224) or drop the flag')
+
+
+def build_criterion(args: argparse.Namespace, model: nn.Module, nb_classes: int, device: torch.device
+                    ) -> DistillationLoss:
+    """The training loss of ``model`` (unwrapped): the base criterion, with the teacher of --distillation-type
+    soft / hard, or with the distillation head on the labels (--dist-head-on-labels).
+
+    A distilled model trained with --distillation-type none leaves its distillation head as initialised or loaded,
+    as the original does (e.g. when finetuning a distilled model); a line says so when evaluation still reads it.
+    """
+    if (args.distillation_type == 'none' and not args.dist_head_on_labels and args.eval_head != 'cls'
+            and isinstance(model, models.DistilledVisionTransformer)):
+        print(f'Note: --distillation-type none: the distillation head of {args.model} keeps its initial / loaded '
+              f'weights and is still {"averaged in" if args.eval_head == "avg" else "used"} at evaluation '
+              f'(--eval-head {args.eval_head}); use --eval-head cls, or train it on the labels with '
+              '--dist-head-on-labels')
+    teacher = build_teacher(args, nb_classes, device) if args.distillation_type != 'none' else None
+    return DistillationLoss(base_criterion(args), teacher, args.distillation_type, args.distillation_alpha,
+                            args.distillation_tau, dist_head_on_labels=args.dist_head_on_labels)
 
 
 def base_criterion(args: argparse.Namespace) -> nn.Module:

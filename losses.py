@@ -15,6 +15,10 @@ class DistillationLoss(nn.Module):
     on temperature-softened distributions. ``hard``: (1 - alpha) * base + alpha * CE(dist_logits,
     argmax of the teacher).
 
+    With ``dist_head_on_labels`` (the control of the paper's section 5, "a second class token in place of the
+    distillation token"): no teacher, and the distillation head is trained on the labels exactly as the class head,
+    (1 - alpha) * base(class logits) + alpha * base(distillation logits); ``distillation_type`` must be 'none'.
+
     The teacher is kept in eval mode (also after ``criterion.train()``) and runs without gradients
     on the inputs the student saw, i.e. after mixup / cutmix, inside the caller's autocast context.
 
@@ -24,29 +28,35 @@ class DistillationLoss(nn.Module):
         distillation_type: 'none', 'soft' or 'hard'.
         alpha: weight of the distillation term, in [0, 1].
         tau: softmax temperature of soft distillation, > 0.
+        dist_head_on_labels: train the distillation head on the labels with the base criterion (no teacher).
     """
 
     def __init__(self, base_criterion: nn.Module, teacher_model: Optional[nn.Module], distillation_type: str,
-                 alpha: float, tau: float) -> None:
+                 alpha: float, tau: float, dist_head_on_labels: bool = False) -> None:
         super().__init__()
         if distillation_type not in DISTILLATION_TYPES:
             raise ValueError(f"Unknown distillation type '{distillation_type}'; "
                              f"choose one of {', '.join(DISTILLATION_TYPES)} (--distillation-type).")
-        if distillation_type != 'none':
-            if teacher_model is None:
+        if dist_head_on_labels and distillation_type != 'none':
+            raise ValueError(f'--dist-head-on-labels trains the distillation head on the labels, without a teacher, '
+                             f'and --distillation-type {distillation_type} trains it on the teacher: give one of them')
+        if distillation_type != 'none' or dist_head_on_labels:
+            if distillation_type != 'none' and teacher_model is None:
                 raise ValueError(f"--distillation-type {distillation_type} needs a teacher: give --teacher-model "
                                  "and --teacher-path, or train without distillation (--distillation-type none).")
             if not 0.0 <= alpha <= 1.0:
                 raise ValueError(f'--distillation-alpha must lie in [0, 1] (it weighs the distillation term '
                                  f'against the label term), got {alpha}.')
-            if tau <= 0:
+            if distillation_type != 'none' and tau <= 0:
                 raise ValueError(f'--distillation-tau must be positive (it divides the logits), got {tau}.')
+        if teacher_model is not None:
             teacher_model.eval()
         self.base_criterion = base_criterion
         self.teacher_model = teacher_model
         self.distillation_type = distillation_type
         self.alpha = alpha
         self.tau = tau
+        self.dist_head_on_labels = dist_head_on_labels
 
     def train(self, mode: bool = True) -> 'DistillationLoss':
         """Switch the base criterion only: the teacher always predicts in eval mode."""
@@ -68,12 +78,16 @@ class DistillationLoss(nn.Module):
         if not isinstance(outputs, torch.Tensor):
             outputs, outputs_kd = outputs
         base_loss = self.base_criterion(outputs, labels)
-        if self.distillation_type == 'none':
+        if self.distillation_type == 'none' and not self.dist_head_on_labels:
             return base_loss
         if outputs_kd is None:
-            raise ValueError(f'--distillation-type {self.distillation_type} needs a model with a distillation head, '
-                             'but this one returns a single output: use a *_distilled_* model '
-                             '(e.g. deit_base_distilled_patch16_224) or --distillation-type none.')
+            what, instead = f'--distillation-type {self.distillation_type}', '--distillation-type none'
+            if self.dist_head_on_labels:
+                what, instead = '--dist-head-on-labels', 'drop --dist-head-on-labels'
+            raise ValueError(f'{what} needs a model with a distillation head, but this one returns a single output: '
+                             f'use a *_distilled_* model (e.g. deit_base_distilled_patch16_224) or {instead}.')
+        if self.dist_head_on_labels:
+            return base_loss * (1 - self.alpha) + self.base_criterion(outputs_kd, labels) * self.alpha
 
         with torch.no_grad():
             teacher_outputs = self.teacher_model(inputs)

@@ -35,7 +35,7 @@ import tensorboard_log
 import utils
 from datasets import DATA_SETS, INAT_CATEGORIES, CorruptImageError, corrupt_count_all
 from engine import NonFiniteLossError, TrainingStopped, evaluate_all, train_one_epoch
-from losses import DISTILLATION_TYPES, DistillationLoss
+from losses import DISTILLATION_TYPES
 from stopping import StopRequest, skip_batches
 
 # Schedulers whose length timm extends by --cooldown-epochs (the others have no end to cool down after).
@@ -199,6 +199,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--cosub', action='store_true',
                        help='not supported: DeiT III\'s cosub training (the original\'s flag) and its models_v2 '
                             'models are not part of this codebase yet')
+    group.add_argument('--dist-head-on-labels', action='store_true',
+                       help='the control of the paper\'s section 5: no teacher, the distillation head of a '
+                            '*_distilled_* model trained on the labels like the class head (a second class token), '
+                            'the two terms weighed by --distillation-alpha; needs --distillation-type none '
+                            '(default: off)')
 
     group = parser.add_argument_group('Finetuning')
     group.add_argument('--finetune', default='',
@@ -334,6 +339,8 @@ def check_models(args: argparse.Namespace) -> None:
             raise ValueError(f'--distillation-type {args.distillation_type} trains the distillation token, and '
                              f'--model {name} has none: use a *_distilled_* model (e.g. '
                              'deit_base_distilled_patch16_224) or --distillation-type none')
+        if flag == '--model':
+            builders.check_distillation_head(args, model)
 
 
 def check_paths(args: argparse.Namespace) -> None:
@@ -445,9 +452,7 @@ def main(args: argparse.Namespace) -> None:
     lr_scheduler, num_epochs = create_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     mixup_fn = builders.build_mixup(args, nb_classes)
-    teacher = builders.build_teacher(args, nb_classes, device) if args.distillation_type != 'none' else None
-    criterion = DistillationLoss(builders.base_criterion(args), teacher, args.distillation_type,
-                                 args.distillation_alpha, args.distillation_tau)
+    criterion = builders.build_criterion(args, model_without_ddp, nb_classes, device)
 
     # ============ resuming ============
     max_accuracy, start_step = -math.inf, 0

@@ -166,3 +166,51 @@ def test_model_without_distillation_head_is_a_value_error(batch, kind):
 def test_out_of_range_alpha_or_tau_is_a_value_error(batch, alpha, tau, match):
     with pytest.raises(ValueError, match=match):
         DistillationLoss(nn.CrossEntropyLoss(), batch[4], 'soft', alpha, tau)
+
+
+@pytest.mark.parametrize('alpha', [0.0, 0.3, 0.5, 1.0])
+def test_dist_head_on_labels_trains_both_heads_with_the_class_heads_loss(batch, alpha):
+    """The section 5 control: each head gets the gradient of CE on the labels, weighed by 1 - alpha and alpha.
+
+    d CE / d z = (softmax(z) - onehot(y)) / B for each head, computed here by hand; no teacher is called.
+    """
+    inputs, cls_logits, dist_logits, labels, teacher = batch
+    cls_logits.requires_grad_(True)
+    dist_logits.requires_grad_(True)
+    criterion = DistillationLoss(nn.CrossEntropyLoss(), None, 'none', alpha, tau=1.0, dist_head_on_labels=True)
+    loss = criterion(inputs, (cls_logits, dist_logits), labels)
+    loss.backward()
+    expected = (1 - alpha) * cross_entropy_by_hand(cls_logits, labels) + alpha * cross_entropy_by_hand(
+        dist_logits, labels)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    onehot = torch.eye(C, dtype=torch.float64)[labels]
+    for logits, weight in ((cls_logits, 1 - alpha), (dist_logits, alpha)):
+        by_hand = weight * (softmax_by_hand(logits.detach().double()) - onehot) / B
+        torch.testing.assert_close(logits.grad.double(), by_hand, rtol=1e-5, atol=1e-7)
+
+
+def test_dist_head_on_labels_takes_soft_labels_on_both_heads(batch):
+    """After mixup the labels are [B, C] distributions: the distillation head gets them as the class head does."""
+    from timm.loss import SoftTargetCrossEntropy
+    inputs, cls_logits, dist_logits, _, _ = batch
+    soft_labels = torch.softmax(torch.randn(B, C), dim=1)
+    criterion = DistillationLoss(SoftTargetCrossEntropy(), None, 'none', 0.25, 1.0, dist_head_on_labels=True)
+    loss = criterion(inputs, (cls_logits, dist_logits), soft_labels)
+
+    def soft_ce(z: torch.Tensor) -> torch.Tensor:
+        return -(soft_labels.double() * torch.log_softmax(z.double(), 1)).sum(1).mean()
+
+    assert loss.item() == pytest.approx((0.75 * soft_ce(cls_logits) + 0.25 * soft_ce(dist_logits)).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['soft', 'hard'])
+def test_dist_head_on_labels_with_a_teacher_is_a_value_error(batch, kind):
+    with pytest.raises(ValueError, match=r'--dist-head-on-labels.*--distillation-type ' + kind):
+        DistillationLoss(nn.CrossEntropyLoss(), batch[4], kind, 0.5, 1.0, dist_head_on_labels=True)
+
+
+def test_dist_head_on_labels_needs_a_distillation_head(batch):
+    inputs, cls_logits, _, labels, _ = batch
+    criterion = DistillationLoss(nn.CrossEntropyLoss(), None, 'none', 0.5, 1.0, dist_head_on_labels=True)
+    with pytest.raises(ValueError, match=r'--dist-head-on-labels needs a model with a distillation head'):
+        criterion(inputs, cls_logits, labels)

@@ -117,6 +117,42 @@ def test_odd_batch_is_fine_without_mixup_and_distillation_is_fine_in_eval():
     main.check_args(parse('--eval', '--distillation-type', 'hard'))
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'deit_tiny_patch16_224', '--dist-head-on-labels'], 'deit_tiny_patch16_224 has none'),
+    (['--model', 'deit_tiny_distilled_patch16_224', '--dist-head-on-labels', '--distillation-type', 'hard',
+      '--teacher-model', 'resnet18', '--teacher-path', 'teacher.pth'], 'give one of them'),
+])
+def test_dist_head_on_labels_needs_a_distillation_head_and_no_teacher(argv, message):
+    with pytest.raises(ValueError, match=message):
+        main.check_args(parse(*argv))
+
+
+class CriterionBuilt(Exception):
+    """Raised right after main() builds its loss, carrying it: the run stops before any training step."""
+
+
+@pytest.mark.parametrize('extra, note', [([], True), (['--eval-head', 'cls'], False),
+                                         (['--dist-head-on-labels'], False)])
+def test_distilled_model_without_teacher_says_its_distillation_head_stays_as_loaded(
+        extra, note, image_folder, monkeypatch, capsys):
+    build_criterion = builders.build_criterion
+
+    def build_and_stop(*args, **kwargs):
+        raise CriterionBuilt(build_criterion(*args, **kwargs))
+
+    monkeypatch.setattr(builders, 'build_criterion', build_and_stop)
+    with pytest.raises(CriterionBuilt) as built:
+        main.cli(['--model', 'deit_tiny_distilled_patch16_224', '--data-set', 'FOLDER', '--data-path',
+                  str(image_folder), '--input-size', '32', '--batch-size', '8', '--num_workers', '0', '--device',
+                  'cpu', *extra])
+    notes = [line for line in capsys.readouterr().out.splitlines()
+             if 'distillation head of deit_tiny_distilled_patch16_224 keeps its initial / loaded weights' in line]
+    assert len(notes) == note
+    if note:
+        assert 'averaged in at evaluation' in notes[0] and '--dist-head-on-labels' in notes[0]
+    assert built.value.args[0].dist_head_on_labels == ('--dist-head-on-labels' in extra)
+
+
 # ============ helpers of the flows ============
 
 
