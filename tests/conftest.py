@@ -1,5 +1,10 @@
-"""Shared fixtures: a small folder of real JPEG files in the ImageNet layout, one torch thread per module."""
+"""Shared fixtures: a small folder of real JPEG files in the ImageNet layout, one torch thread per module, and
+the README's quick start running beside the suite."""
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -50,3 +55,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK_START_TEST = 'test_quick_start_learns_the_digits'
+
+
+def readme_quick_start() -> List[str]:
+    """The flags of the README's quick-start command (without --output_dir), read from the README itself so
+    that the two cannot drift apart."""
+    readme = (ROOT / 'README.md').read_text()
+    line = next(line for line in readme.splitlines() if 'python main.py' in line and '--data-set DIGITS' in line)
+    args = line.split('python main.py', 1)[1].split()
+    return args[:args.index('--output_dir')]
+
+
+@pytest.fixture(scope='session', autouse=True)
+def quick_start(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[Optional[Tuple[subprocess.Popen, Path, Path]]]:
+    """The README's quick start (30 epochs, the longest test by far), started when the session starts so that
+    it trains on one core while the rest of the suite, one thread per process, uses the other; the test
+    QUICK_START_TEST waits for it. Returns (process, output folder, file of its stdout and stderr), or None when
+    that test is not selected."""
+    if not any(item.name == QUICK_START_TEST for item in request.session.items):
+        yield None
+        return
+    folder = tmp_path_factory.mktemp('quickstart')
+    out, log = folder / 'quickstart', folder / 'output.txt'
+    with log.open('w') as f:
+        command = [sys.executable, str(ROOT / 'main.py'), *readme_quick_start(), '--output_dir', str(out)]
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    yield proc, out, log
+    if proc.poll() is None:  # the session ended before the test waited for it (-x, Ctrl-C)
+        proc.kill()
+        proc.wait()
