@@ -70,6 +70,11 @@ def readme_quick_start() -> List[str]:
     return args[:args.index('--output_dir')]
 
 
+def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+    """The quick-start test goes last: by then its run, started with the session, has trained the longest."""
+    items.sort(key=lambda item: item.name == QUICK_START_TEST)
+
+
 @pytest.fixture(scope='session', autouse=True)
 def quick_start(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[Optional[Tuple[subprocess.Popen, Path, Path]]]:
