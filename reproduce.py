@@ -221,9 +221,10 @@ class Grid:
                 todo.append(run)
         return todo
 
-    def run(self) -> None:
-        """Every run not finished before, in plan order as far as teachers and ``jobs`` allow."""
+    def run(self) -> int:
+        """Every run not finished before, in plan order as far as teachers and ``jobs`` allow; returns how many."""
         todo = self._todo()
+        count = len(todo)
         self.start = time.time()
         left = sum(r.epochs - self._epochs_logged(r) for r in todo)  # epochs still to train
         trained = 0  # epochs trained by the runs that ended in this invocation
@@ -268,6 +269,7 @@ class Grid:
                 os.kill(pid, signal.SIGTERM)
             for pid in running:
                 os.waitpid(pid, 0)
+        return count
 
 
 def run_main(flags: List[str], stdout: Path, threads: int) -> None:
@@ -440,7 +442,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     grid = Grid(runs, setting, out, args.device, args.jobs, args.threads)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the runs in progress are stopped
     try:
-        grid.run()
+        trained = grid.run()
     except RuntimeError as e:
         parser.exit(EXIT_FAILED, f'{parser.prog}: {e}\n')
     except KeyboardInterrupt:
@@ -448,6 +450,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     torch.set_num_threads(args.threads)  # only now: the runs are forked from a process that computed nothing
     measured = analyse_all(grid, device)
     made['finished'] = time.strftime('%Y-%m-%d %H:%M:%S')
+    made['runs trained by this command'] = f'{trained} of {len(runs)} (the others by an earlier start of it)'
+
     description = reproduce_report.describe(setting, DIGITS_SIZES, TEACHERS)
     if args.quick:
         description.insert(0, '--quick: one seed, one epoch per run, a quarter of the images: a check that the '

@@ -16,6 +16,7 @@ VARIANT_NAMES = {
     'soft_transformer': 'DeiT-Ti distilled, soft, transformer teacher',
     'hard_transformer': 'DeiT-Ti distilled, hard, transformer teacher',
     'two_class_tokens': 'control: second class token (--dist-head-on-labels)',
+    'teacher_convnet': 'convnet teacher', 'teacher_transformer': 'transformer teacher',
 }
 SHORT_NAMES = {'none': 'no distillation', 'soft_convnet': 'soft,\nconvnet teacher',
                'hard_convnet': 'hard,\nconvnet teacher', 'soft_transformer': 'soft,\ntransformer teacher',
@@ -242,7 +243,7 @@ def plot_curves(measured: Dict[str, Any], out: Path) -> None:
             ax.plot(epochs, np.mean([[line[key] for line in log[:length]] for log in logs], axis=0),
                     label=VARIANT_NAMES.get(label, label), linestyle='--' if label.startswith('teacher') else '-')
     acc_ax.set_ylabel('test top-1 accuracy (%)')
-    loss_ax.set_ylabel('train loss (nats per image)')
+    loss_ax.set_ylabel('train loss, each run\'s own objective (nats per image)')
     for ax in (acc_ax, loss_ax):
         ax.set_xlabel('epoch')
     acc_ax.legend(fontsize=6)
