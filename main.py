@@ -411,7 +411,7 @@ def main(args: argparse.Namespace) -> None:
     # ============ building the model ============
     print(f'Creating model: {args.model}')
     model = builders.create_model(args.model, args.input_size, num_classes=nb_classes, drop_rate=args.drop,
-                         drop_path_rate=args.drop_path)
+                                  drop_path_rate=args.drop_path)
     if args.finetune:
         checkpoints.load_finetune(model, args.finetune)
     if args.attn_only:
