@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 import models
 import utils
-from checkpoints import load_weights, weights_of
+from checkpoints import load_weights
 from datasets import build_dataset
 from losses import DistillationLoss
 from samplers import RASampler
@@ -140,8 +140,8 @@ def train_attention_only(model: nn.Module, name: str) -> int:
 def build_teacher(args: argparse.Namespace, nb_classes: int, device: torch.device) -> nn.Module:
     """--teacher-model with the weights of --teacher-path, in eval mode on ``device``."""
     teacher = create_model(args.teacher_model, args.input_size, num_classes=nb_classes)
-    load_weights(teacher, weights_of(utils.load_checkpoint(args.teacher_path)), f'--teacher-path {args.teacher_path}',
-                 flag='--teacher-model')
+    load_weights(teacher, utils.weights_of(utils.load_checkpoint(args.teacher_path)),
+                 f'--teacher-path {args.teacher_path}', flag='--teacher-model')
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     return teacher.to(device, memory_format=memory_format).eval()
 

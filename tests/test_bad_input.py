@@ -66,7 +66,10 @@ CASES = {
     'empty class folders': (lambda d, out: folder(d.empty), 'without any image'),
     'train/val class mismatch': (lambda d, out: folder(d.mismatch), 'both splits need the same class folders'),
     'unknown --model': (lambda d, out: folder(d.images, '--model', 'deit_tiniest_patch16_224'),
-                        "Unknown model 'deit_tiniest_patch16_224'. DeiT models: deit_tiny_patch16_224"),
+                        "Unknown model 'deit_tiniest_patch16_224' (did you mean deit_tiny_patch16_224?). DeiT models: "
+                        "deit_tiny_patch16_224"),
+    'PatchConvNet --model': (lambda d, out: folder(d.images, '--model', 'S60'),
+                             'PatchConvNet (S60) is not part of this codebase: timm has no reference implementation'),
     'unknown --teacher-model': (lambda d, out: folder(d.images, *DISTILLED, '--teacher-model', 'regnety_999',
                                                  '--teacher-path', str(d.checkpoint)),
                                 "--teacher-model: Unknown model 'regnety_999'"),
