@@ -79,6 +79,12 @@ README_FIGURES = {  # name -> (millions, decimals, img_size)
 }
 
 
+def readme_counts():
+    """(name, img) -> parameters, from the README's tables of the three families (| name | img | params | ...)."""
+    rows = re.findall(r'^\| (\w+) \| (\d+) \| ([\d,]+) \|', (REPO / 'README.md').read_text(), re.M)
+    return {(name, int(img)): int(count.replace(',', '')) for name, img, count in rows}
+
+
 @pytest.fixture
 def shapes_only(monkeypatch):
     """Builds on the meta device without drawing initial values: on meta every truncated-normal draw costs
@@ -137,6 +143,12 @@ def test_parameter_count_equals_timms_and_building_warns_nothing(name, shapes_on
         with torch.device('meta'):
             count = sum(p.numel() for p in timm.create_model(name, img_size=img_size).parameters())
         assert round(count / 1e6, decimals) == millions
+    # Our README's tables quote each count exactly.
+    quoted = {img: n for (model, img), n in readme_counts().items() if model == name}
+    assert quoted, f'{name} is missing from the README'
+    for img_size, n in quoted.items():
+        with torch.device('meta'):
+            assert sum(p.numel() for p in timm.create_model(name, img_size=img_size).parameters()) == n
 
 
 def test_state_dict_keys_are_the_originals(shapes_only):
@@ -310,6 +322,18 @@ def test_finetune_resizes_a_position_embedding_without_extra_tokens(tmp_path, ca
     state_dict = {'pos_embed': source.pos_embed.detach().clone()}
     models.interpolate_pos_embed(deit3, state_dict)
     assert torch.allclose(state_dict['pos_embed'], expected.reshape(1, 16, 192))
+
+
+@pytest.mark.parametrize('name', ['deit_small_patch16_LS', 'cait_XXS24_224', 'resmlp_12'])
+def test_resume_and_eval_take_the_official_files_as_they_are(name, tmp_path):
+    """main.py --resume / --eval restores strictly from each family's official layout ({'model': ...}, the
+    'module.' prefixes of CaiT's files, ResMLP's bare state_dict)."""
+    source = timm.create_model(name, depth=1, img_size=32)
+    torch.save(_official_file(name, source.state_dict()), tmp_path / 'official.pth')
+    model = timm.create_model(name, depth=1, img_size=32)
+    assert checkpoints.restore(str(tmp_path / 'official.pth'), model, None) == {'ema_loaded': False}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, source.state_dict()[key]), key
 
 
 def _write_official(name, url, **kwargs):
