@@ -195,10 +195,12 @@ def _create(name: str, pretrained: bool, img_size: int, pretrained_21k: bool, **
         kwargs.pop(key, None)
     if pretrained_21k and not pretrained:
         raise ValueError('pretrained_21k=True chooses the official ImageNet-21k weights: add pretrained=True')
-    url = weights_url(name, img_size, pretrained_21k) if pretrained else None
+    if pretrained:
+        weights_url(name, img_size, pretrained_21k)  # before building: a one-line error where there is no file
     model = DeiT3(img_size=img_size, **kwargs)
-    model.pretrained_cfg = dict(_cfg(img_size), architecture=name, url=url or '', num_classes=model.num_classes)
-    if url is not None:
+    url = MODEL_URLS.get((name, img_size, pretrained_21k), '')
+    model.pretrained_cfg = dict(_cfg(img_size), architecture=name, url=url, num_classes=model.num_classes)
+    if pretrained:
         utils.load_pretrained(model, url)
     return model
 

@@ -87,11 +87,12 @@ def readme_counts():
 
 @pytest.fixture
 def shapes_only(monkeypatch):
-    """Builds on the meta device without drawing initial values: on meta every truncated-normal draw costs
-    milliseconds of Python for nothing (there are no values), seconds for the giant models. Counts and shapes
-    do not depend on it."""
+    """Builds on the meta device without drawing initial values: on meta every random draw costs milliseconds of
+    Python for nothing (there are no values), seconds for the giant models. Counts and shapes do not depend on
+    it."""
     for module in (models_v2, resmlp_models, timm_cait, timm_vit):
         monkeypatch.setattr(module, 'trunc_normal_', lambda tensor, *args, **kwargs: tensor)
+    monkeypatch.setattr(nn.Linear, 'reset_parameters', lambda self: None)
 
 
 def _timm_vit(name, **kwargs):
@@ -132,6 +133,7 @@ def test_parameter_count_equals_timms_and_building_warns_nothing(name, shapes_on
         ours = timm.create_model(name)
     assert not caught, [str(w.message) for w in caught]
     assert capfd.readouterr() == ('', '')
+    main.check_models(main.get_args_parser().parse_args(['--model', name]))  # main.py --model takes it
     with torch.device('meta'):
         reference = _timm_reference(name)
     count = sum(p.numel() for p in ours.parameters())
