@@ -9,7 +9,7 @@ names the LayerScale and parallel-branch parameters differently (``ls1.gamma``, 
 stochastic depth rate linearly over the blocks, where the original draws every block at the same rate.
 """
 from functools import partial
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -85,7 +85,8 @@ class Block(nn.Module):
             for _, _, gamma in self.attn_branches + self.mlp_branches:
                 setattr(self, gamma, nn.Parameter(init_values * torch.ones(dim)))
 
-    def _residual(self, x: torch.Tensor, branches: list) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor, branches: List[Tuple[str, str, str]]) -> torch.Tensor:
+        """x plus each branch's sublayer of its normalised input, scaled by its LayerScale, through stochastic depth."""
         out = x
         for norm, layer, gamma in branches:
             y = getattr(self, layer)(getattr(self, norm)(x))
