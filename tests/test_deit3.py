@@ -206,7 +206,7 @@ def test_one_digits_epoch_with_the_deit3_flags(cosub, tmp_path):
     assert 'running timm\'s lamb instead' in stdout
     (log,) = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
     assert log['train_lr'] == pytest.approx(4e-3, rel=1e-9) and log['test_n'] == 355  # not 4e-3 * 64 / 512
-    assert 0 < log['train_loss'] < 0.7
+    assert 0 < log['train_loss'] < 1.0
     optimizer = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['optimizer']
     assert all('trust_clip' in group for group in optimizer['param_groups'])
 
