@@ -15,6 +15,8 @@ from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import get_pretrained_cfg
 from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import PlateauLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 import models
@@ -119,6 +121,20 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.de
     if fused:
         kwargs['fused'] = True
     return create_optimizer_v2(model, **kwargs)
+
+
+def start_schedule(lr_scheduler: Scheduler, epoch: int) -> None:
+    """Set the learning rate of ``epoch``, the first epoch this run trains: a fresh run's 0, or a resumed run's.
+
+    timm's plateau schedule is a function of the epoch during its warm-up only. After the warm-up its lr is the
+    one the optimizer holds (the scaled --lr on a fresh start, the restored, possibly decayed, lr on a resume),
+    and it is not stepped here: step(0) without warm-up would set --warmup-lr (timm counts epoch 0 <= 0 as
+    warm-up), which the plateau logic can only lower; and past the warm-up, timm < 1.0.23 hands the missing
+    metric (None) on to ReduceLROnPlateau, which fails.
+    """
+    if isinstance(lr_scheduler, PlateauLRScheduler) and (lr_scheduler.warmup_t == 0 or epoch > lr_scheduler.warmup_t):
+        return
+    lr_scheduler.step(epoch)
 
 
 def train_attention_only(model: nn.Module, name: str) -> int:

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from timm.scheduler import create_scheduler
+from timm.scheduler import PlateauLRScheduler, create_scheduler
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
@@ -182,6 +182,50 @@ def test_resume_schedule_names_changed_flags_and_keeps_the_plateau_history(capsy
     assert optimizer.param_groups[0]['initial_lr'] == 2e-3
     checkpoints.resume_schedule(scheduler, optimizer, saved_scheduler, None, new)  # a checkpoint without args
     assert capsys.readouterr().out == ''
+
+
+# ============ the plateau schedule ============
+
+
+PLATEAU_STEP = PlateauLRScheduler.step
+
+
+def plateau_step_as_timm_1_0_22(scheduler: PlateauLRScheduler, epoch: int, metric=None) -> None:
+    """PlateauLRScheduler.step as timm < 1.0.23 had it: past the warm-up it stepped ReduceLROnPlateau with the
+    metric, also when there was none, and ReduceLROnPlateau fails on None (float(None))."""
+    if epoch > scheduler.warmup_t and metric is None:
+        scheduler.lr_scheduler.step(metric)
+    PLATEAU_STEP(scheduler, epoch, metric)
+
+
+PLATEAU = ['--batch-size', '8', '--sched', 'plateau', '--warmup-epochs', '0']
+
+
+def read_log(output_dir: Path) -> List[Dict]:
+    return [json.loads(line) for line in (output_dir / 'log.txt').read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def plateau(image_folder, tmp_path_factory):
+    """One epoch of --sched plateau --warmup-epochs 0; returns its output folder."""
+    out = tmp_path_factory.mktemp('plateau') / 'out'
+    run(image_folder, *PLATEAU, '--epochs', '1', '--output_dir', str(out))
+    return out
+
+
+def test_plateau_without_warmup_trains_epoch_0_at_the_scaled_lr(plateau):
+    # Not --warmup-lr (1e-6), which step(0) set: timm's plateau schedule counts epoch 0 <= 0 as warm-up.
+    assert read_log(plateau)[0]['train_lr'] == pytest.approx(5e-2 * 8 / 512, rel=1e-12)
+
+
+def test_a_plateau_run_resumes_past_its_warmup_on_old_timm(plateau, image_folder, monkeypatch):
+    # --epochs 2, resumed at epoch 1 > --warmup-epochs 0 with the plateau schedule of timm < 1.0.23, which failed
+    # on the missing metric of a step there. The lr is the optimizer's restored one, not decayed after one epoch.
+    monkeypatch.setattr(PlateauLRScheduler, 'step', plateau_step_as_timm_1_0_22)
+    assert 'continuing at epoch 1' in run(image_folder, *PLATEAU, '--epochs', '2', '--output_dir', str(plateau))
+    logs = read_log(plateau)
+    assert [log['epoch'] for log in logs] == [0, 1]
+    assert logs[1]['train_lr'] == pytest.approx(5e-2 * 8 / 512, rel=1e-12)
 
 
 # ============ gradient accumulation ============
