@@ -174,20 +174,31 @@ def check_distillation_head(args: argparse.Namespace, model: nn.Module) -> None:
                          'a *_distilled_* model (e.g. deit_tiny_distilled_patch16_224) or drop the flag')
 
 
+def freeze_unused_head(args: argparse.Namespace, model: nn.Module) -> None:
+    """Freeze ``head_dist`` of a distilled model that no loss trains: --distillation-type none without
+    --dist-head-on-labels (e.g. finetuning a distilled model), as the original allowed; a line says so.
+
+    Frozen, it gets no gradient by design. Trainable, it got none either, and DDP, which runs without
+    find_unused_parameters (a search of the graph at every step), failed at the second step ("Expected to have
+    finished reduction in the prior iteration"). In one process nothing changes: AdamW skips a parameter
+    without gradient (no update, no weight decay). Call it before DDP and the optimizer are built.
+    log.txt's n_parameters, the trainable parameters, leaves the frozen head out.
+    """
+    if (args.eval or args.distillation_type != 'none' or args.dist_head_on_labels
+            or not isinstance(model, models.DistilledVisionTransformer)):
+        return
+    model.head_dist.requires_grad_(False)
+    evaluation = (f' and is still {"averaged in" if args.eval_head == "avg" else "used"} at evaluation (--eval-head '
+                  f'{args.eval_head}); use --eval-head cls, or train it on the labels with --dist-head-on-labels'
+                  if args.eval_head != 'cls' else '')
+    print(f'Note: --distillation-type none: no loss trains the distillation head of {args.model}, so it is frozen: '
+          f'it keeps its initial / loaded weights{evaluation}')
+
+
 def build_criterion(args: argparse.Namespace, model: nn.Module, nb_classes: int, device: torch.device
                     ) -> DistillationLoss:
     """The training loss of ``model`` (unwrapped): the base criterion, with the teacher of --distillation-type
-    soft / hard, or with the distillation head on the labels (--dist-head-on-labels).
-
-    A distilled model trained with --distillation-type none leaves its distillation head as initialised or loaded,
-    as the original does (e.g. when finetuning a distilled model); a line says so when evaluation still reads it.
-    """
-    if (args.distillation_type == 'none' and not args.dist_head_on_labels and args.eval_head != 'cls'
-            and isinstance(model, models.DistilledVisionTransformer)):
-        print(f'Note: --distillation-type none: the distillation head of {args.model} keeps its initial / loaded '
-              f'weights and is still {"averaged in" if args.eval_head == "avg" else "used"} at evaluation '
-              f'(--eval-head {args.eval_head}); use --eval-head cls, or train it on the labels with '
-              '--dist-head-on-labels')
+    soft / hard, or with the distillation head on the labels (--dist-head-on-labels)."""
     teacher = build_teacher(args, nb_classes, device) if args.distillation_type != 'none' else None
     return DistillationLoss(base_criterion(args), teacher, args.distillation_type, args.distillation_alpha,
                             args.distillation_tau, dist_head_on_labels=args.dist_head_on_labels)

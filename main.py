@@ -416,6 +416,7 @@ def main(args: argparse.Namespace) -> None:
         checkpoints.load_finetune(model, args.finetune)
     if args.attn_only:
         print(f'--attn-only: {builders.train_attention_only(model, args.model)} trainable parameters')
+    builders.freeze_unused_head(args, model)
     model.to(device)
     model_without_ddp = model
     if args.distributed:

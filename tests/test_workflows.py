@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+import timm
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
@@ -379,3 +380,29 @@ def test_two_processes_accumulate_as_one_larger_batch_with_one_all_reduce_per_st
         assert counts['accum'] == counts['big'] > 0, counts
     assert len(list((tmp_path / 'tb').iterdir())) == 1  # TensorBoard: the master process's file only
 
+
+
+def _distilled_worker(rank: int, folder: str, tmp: str, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    with contextlib.redirect_stdout(io.StringIO()):
+        main.cli([*FAST, '--data-path', folder, '--model', 'deit_tiny_distilled_patch16_224', '--epochs', '1',
+                  '--batch-size', '16', '--finetune', os.path.join(tmp, 'init.pth'),
+                  '--output_dir', os.path.join(tmp, 'out')])
+
+
+def test_a_distilled_model_without_teacher_trains_on_two_processes_with_its_idle_head_frozen(image_folder, tmp_path):
+    # --distillation-type none: no loss reads head_dist. Left trainable, it had no gradient and DDP failed at the
+    # second step ("Expected to have finished reduction in the prior iteration"); here 3 steps per process.
+    torch.manual_seed(0)
+    init = timm.create_model('deit_tiny_distilled_patch16_224', img_size=32, num_classes=3).state_dict()
+    torch.save({'model': init}, tmp_path / 'init.pth')
+    mp.start_processes(_distilled_worker, args=(str(image_folder), str(tmp_path), free_port()), nprocs=2, join=True,
+                       start_method='fork')
+    trained = load(tmp_path / 'out' / 'checkpoint.pth')
+    assert adamw_steps(trained) == 3
+    for key, value in init.items():
+        assert torch.equal(trained['model'][key], value) == key.startswith('head_dist.'), key
+    (log,) = read_log(tmp_path / 'out')
+    assert log['n_parameters'] == sum(v.numel() for k, v in init.items() if not k.startswith('head_dist.'))
