@@ -172,11 +172,13 @@ def test_resume_schedule_names_changed_flags_and_keeps_the_plateau_history(capsy
     saved_optimizer, saved_scheduler = optimizer.state_dict(), scheduler.state_dict()
 
     new = parser.parse_args([*plateau, '--lr', '2e-3'])
+    new.actual_lr = 2e-3  # --unscale-lr
     optimizer = torch.optim.SGD(model.parameters(), lr=2e-3)
     scheduler, _ = create_scheduler(new, optimizer)
     optimizer.load_state_dict(saved_optimizer)
-    checkpoints.resume_schedule(scheduler, optimizer, saved_scheduler, old, new)  # the original's Namespace args
-    assert capsys.readouterr().out == 'Resuming with a new schedule: --lr 0.001 -> 0.002\n'
+    # The original's Namespace args, whose lr is the one it trained at: our actual lr.
+    checkpoints.resume_schedule(scheduler, optimizer, saved_scheduler, old, new)
+    assert capsys.readouterr().out == 'Resuming with a new schedule: actual lr 0.001 -> 0.002\n'
     assert scheduler.lr_scheduler.best == 50.0
     # As if the command had said --lr 2e-3 from the start, with the same decay.
     assert optimizer.param_groups[0]['lr'] == pytest.approx(2 * decayed)
