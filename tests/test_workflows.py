@@ -140,6 +140,62 @@ def test_tensorboard_scalars_match_the_log_and_a_resume_repeats_no_step(extended
                                                                 rel=1e-6), tag
 
 
+class StopAtPoll(stopping.StopRequest):
+    """A stop request that arrives with the n-th poll: one per optimizer step and one at each epoch's end."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.polls = n, 0
+
+    def requested(self) -> bool:
+        self.polls += 1
+        return self.polls >= self.n
+
+
+@pytest.fixture(scope='module')
+def resumed_at_steps_10_11_20(image_folder, tmp_path_factory):
+    """--epochs 3 of 10 optimizer steps (--batch-size 12), with TensorBoard, in three runs: stopped at step 11
+    (epoch 1, step 1: step 10 is logged); resumed there and killed before the checkpoint of epoch 2 (step 20 is
+    logged); resumed at step 20. Returns (output folder, TensorBoard folder)."""
+    tmp = tmp_path_factory.mktemp('purge')
+    out, log_dir = tmp / 'out', tmp / 'tensorboard'
+    flags = ['--batch-size', '12', '--epochs', '3', '--warmup-epochs', '1', '--output_dir', str(out),
+             '--log_dir', str(log_dir)]
+    with pytest.MonkeyPatch.context() as patch:
+        # polls 1-10: epoch 0's steps; 11: its end; 12: epoch 1, step 0; 13: epoch 1, step 1
+        patch.setattr(main, 'StopRequest', lambda: StopAtPoll(13))
+        with pytest.raises(SystemExit) as exit_info:
+            run(image_folder, *flags)
+    assert exit_info.value.code == main.EXIT_STOPPED
+    stopped = load(out / 'checkpoint.pth')
+    assert (stopped['epoch'], stopped['resume_step']) == (0, 1)
+    save_epoch = checkpoints.save_epoch
+
+    def killed_at_epoch_2(output_dir, log_stats, checkpoint, is_best):
+        if log_stats['epoch'] == 2:
+            raise Killed
+        save_epoch(output_dir, log_stats, checkpoint, is_best)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoints, 'save_epoch', killed_at_epoch_2)
+        with pytest.raises(Killed):
+            run(image_folder, *flags)
+    assert 'continuing at epoch 2' in run(image_folder, *flags)
+    return out, log_dir
+
+
+def test_tensorboard_has_each_step_once_across_resumes_at_any_step(resumed_at_steps_10_11_20):
+    # SummaryWriter's purge_step at the step resumed at: the resume at step 11 keeps step 10, written before the
+    # stop; the resume at step 20 drops the step 20 that the killed run wrote, and writes it again.
+    out, log_dir = resumed_at_steps_10_11_20
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    for tag in ('train/loss', 'train/lr'):
+        assert [e.step for e in events.Scalars(tag)] == [0, 10, 20], tag
+    assert [e.step for e in events.Scalars('test/acc1')] == [0, 1, 2]
+    assert [log['epoch'] for log in read_log(out)] == [0, 1, 2]
+
+
 def test_evaluation_prints_an_eta(extended):
     # utils.MetricLogger.log_every prints the same progress line, ETA included, for training and evaluation.
     test_lines = [line for line in extended[3].splitlines() if line.startswith('Test:  [')]
