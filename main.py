@@ -443,6 +443,7 @@ def main(args: argparse.Namespace) -> None:
         checkpoints.load_finetune(model, args.finetune)
     if args.attn_only:
         print(f'--attn-only: {builders.train_attention_only(model, args.model)} trainable parameters')
+    builders.freeze_unused_head(args, model)
     model.to(device)
     model_without_ddp = model
     if args.distributed:
@@ -502,7 +503,7 @@ def main(args: argparse.Namespace) -> None:
           + (f', from step {start_step} of epoch {args.start_epoch}' if start_step else ''))
     start_time = time.time()
     # Epoch e trains with the schedule's value for e (the original stepped at the end of e, one epoch late).
-    lr_scheduler.step(args.start_epoch)
+    builders.start_schedule(lr_scheduler, args.start_epoch)
     steps_per_epoch = len(loader_train) // args.accum_iter  # optimizer steps: TensorBoard's x
     log_dir = args.log_dir if utils.is_main_process() else ''
     with StopRequest() as stop, tensorboard_log.open_writer(

@@ -20,7 +20,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, create_scheduler
 
 import builders
 import checkpoints
@@ -167,6 +167,22 @@ def test_a_checkpoint_of_the_original_launcher_loads_resumes_and_predicts(origin
     loaded, classes, input_size, _ = predict.load_model(args)
     assert (input_size, len(classes)) == (32, 3)
     assert torch.equal(loaded.head.weight, model.head.weight)
+
+
+def test_resuming_a_checkpoint_of_the_original_names_only_true_schedule_changes(capsys):
+    # The original stored args.lr overwritten with the lr it trained at, 5e-4 x 64 / 512 on one GPU, and its
+    # --cooldown-epochs default 10, which its loop never trained (it ended at --epochs).
+    saved = argparse.Namespace(**{**vars(original_args()), 'lr': 5e-4 * 64 / 512, 'batch_size': 64, 'world_size': 1,
+                                  'cooldown_epochs': 10, 'sched': 'cosine', 'warmup_epochs': 5, 'unscale_lr': False})
+    for argv, printed in [([], ''),
+                          (['--lr', '1e-3'], 'Resuming with a new schedule: actual lr 6.25e-05 -> 0.000125\n'),
+                          (['--epochs', '400'], 'Resuming with a new schedule: --epochs 300 -> 400\n')]:
+        args = main.get_args_parser().parse_args(['--model', 'deit_tiny_patch16_224', '--batch-size', '64', *argv])
+        args.actual_lr = builders.scaled_lr(args)
+        optimizer = torch.optim.AdamW(nn.Linear(2, 2).parameters(), lr=args.actual_lr)
+        scheduler, _ = create_scheduler(args, optimizer)
+        checkpoints.resume_schedule(scheduler, optimizer, scheduler.state_dict(), saved, args)
+        assert capsys.readouterr().out == printed, argv
 
 
 class Payload:
