@@ -107,6 +107,14 @@ def init_distributed_mode(args: Any) -> None:
 # ============ metric logging ============
 
 
+# The tensor of the last all_reduce_sum, referenced until the next one. Before torch 2.8 a gloo worker thread lets go of
+# a reduced tensor a moment after wait() returns; were that the last reference while destroy_process_group() ran, the
+# worker (which then needs the GIL to free a tensor made in Python) and the group's destructor (which holds the GIL
+# and waits for the worker) would wait for each other: a hang at exit in 4 of 10 two-process runs on torch 2.4
+# (pytorch/pytorch#154976, in torch 2.8, releases the GIL there).
+_last_reduced: List[torch.Tensor] = []
+
+
 def all_reduce_sum(values: Sequence[float]) -> List[float]:
     """Sum numbers over all processes; the numbers themselves outside a distributed run.
 
@@ -119,6 +127,7 @@ def all_reduce_sum(values: Sequence[float]) -> List[float]:
     device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
+    _last_reduced[:] = [tensor]
     return tensor.tolist()
 
 

@@ -1,9 +1,28 @@
 """The code keeps to what the lowest declared versions of its requirements offer."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import models
+
+ROOT = Path(__file__).resolve().parents[1]
+# One of two processes: 20 times a gloo group, one reduction, the group destroyed.
+GLOO_CYCLES = """
+import sys
+import torch.distributed as dist
+import utils
+rank, folder = int(sys.argv[1]), sys.argv[2]
+for cycle in range(20):
+    dist.init_process_group('gloo', init_method=f'file://{folder}/store{cycle}', rank=rank, world_size=2)
+    assert utils.all_reduce_sum([1.0]) == [2.0]
+    dist.destroy_process_group()
+"""
 
 
 def test_deits_build_with_the_init_weights_of_timm_before_1_0_23(monkeypatch):
@@ -26,3 +45,17 @@ def test_deits_build_with_the_init_weights_of_timm_before_1_0_23(monkeypatch):
         model.init_weights('')
         assert model.cls_token.std() > 1e-3  # then the class token as timm 0.3.2 drew it (timm's: std 1e-6)
     assert modes == ['', '']
+
+
+@pytest.mark.skipif(torch.__version__ >= (2, 8), reason='torch >= 2.8 destroys a process group without the GIL')
+def test_gloo_processes_end_after_a_reduction(tmp_path):
+    """torch < 2.8 hung in destroy_process_group() when a gloo worker still held the last reduced tensor."""
+    processes = [subprocess.Popen([sys.executable, '-c', GLOO_CYCLES, str(rank), str(tmp_path)], cwd=ROOT,
+                                  env={**os.environ, 'OMP_NUM_THREADS': '1'}) for rank in (0, 1)]
+    try:
+        assert [p.wait(timeout=60) for p in processes] == [0, 0]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
