@@ -1,5 +1,7 @@
-"""The code keeps to what the lowest declared versions of its requirements offer."""
+"""The declared version floors hold: CI installs exactly the lower bounds of requirements.txt (.ci/floors.txt)
+and runs the suite there, and the code keeps to what those versions offer."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from packaging.version import Version
 from timm.models.vision_transformer import VisionTransformer
 
 import models
@@ -23,6 +26,22 @@ for cycle in range(20):
     assert utils.all_reduce_sum([1.0]) == [2.0]
     dist.destroy_process_group()
 """
+
+
+def pins(path: Path, operator: str) -> dict:
+    """{package: version} of a requirements file whose every requirement is ``name<operator>version``."""
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split('#', 1)[0].strip()
+        if line:
+            name, _, version = line.partition(operator)
+            assert re.fullmatch(r'[A-Za-z0-9_.-]+', name) and version, f'{path.name}: not name{operator}version: {line}'
+            found[name.lower()] = Version(version)
+    return found
+
+
+def test_the_floors_file_pins_exactly_the_lower_bounds_of_requirements():
+    assert pins(ROOT / '.ci' / 'floors.txt', '==') == pins(ROOT / 'requirements.txt', '>=')
 
 
 def test_deits_build_with_the_init_weights_of_timm_before_1_0_23(monkeypatch):
