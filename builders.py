@@ -72,7 +72,7 @@ def create_model(name: str, input_size: int, **kwargs: Any) -> nn.Module:
 
 
 def skeleton_device() -> torch.device:
-    """Where to build a model only to read its structure (``with torch.device(skeleton_device()):``).
+    """Where to build a model only to read its structure: ``with skeleton_device(): model = ...``.
 
     The meta device: no memory, no weights, a fraction of a second. timm < 1.0.21's ViTs read their drop-path
     rates with ``Tensor.item()``, which a meta tensor cannot answer; with those the model is built on the CPU.
