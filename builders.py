@@ -9,6 +9,7 @@ import random
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
+import timm.layers
 import torch
 import torch.nn as nn
 from timm.data import Mixup
@@ -70,6 +71,15 @@ def create_model(name: str, input_size: int, **kwargs: Any) -> nn.Module:
     if name in models.DEIT_MODELS or (cfg is not None and cfg.fixed_input_size):
         kwargs['img_size'] = input_size
     return models.build_model(name, **kwargs)
+
+
+def skeleton_device() -> torch.device:
+    """Where to build a model only to read its structure: ``with skeleton_device(): model = ...``.
+
+    The meta device: no memory, no weights, a fraction of a second. timm < 1.0.21's ViTs read their drop-path
+    rates with ``Tensor.item()``, which a meta tensor cannot answer; with those the model is built on the CPU.
+    """
+    return torch.device('meta' if hasattr(timm.layers, 'calculate_drop_path_rates') else 'cpu')
 
 
 def build_data(args: argparse.Namespace, device: torch.device

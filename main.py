@@ -338,13 +338,14 @@ def check_models(args: argparse.Namespace) -> None:
     """Refuse an unknown --model or --teacher-model, an --input-size below the patch size, distillation into a model
     without distillation token or --cosub with one; say when the patches do not tile --input-size.
 
-    The models are built on the meta device: no memory, no weights, a fraction of a second, before any data.
+    The models are built on builders.skeleton_device() (the meta device: no memory, no weights, a fraction of a
+    second), before any data.
     """
     distilling = not args.eval and args.distillation_type != 'none'
     names = [('--model', args.model)] + ([('--teacher-model', args.teacher_model)] if distilling else [])
     for flag, name in names:
         try:
-            with torch.device('meta'):
+            with builders.skeleton_device():
                 model = builders.create_model(name, args.input_size, num_classes=args.nb_classes or 1000)
         except ValueError as e:
             raise ValueError(f'{flag}: {e}') from None

@@ -84,9 +84,13 @@ class DeiT(VisionTransformer):
       'reg_token' to the set).
     """
 
-    def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
-        """timm's init, then the class token as timm 0.3.2 drew it."""
-        super().init_weights(mode, needs_reset)
+    def init_weights(self, mode: str = '', **kwargs: Any) -> None:
+        """timm's init, then the class token as timm 0.3.2 drew it.
+
+        ``kwargs`` reach timm's ``init_weights`` as its caller passed them: timm >= 1.0.23 adds
+        ``needs_reset``, which earlier 1.0 releases do not take.
+        """
+        super().init_weights(mode, **kwargs)
         if self.cls_token is not None:
             # timm's trunc_normal_ cuts at the absolute bounds a=-2, b=2 (its defaults, as in timm
             # 0.3.2's call `trunc_normal_(self.cls_token, std=.02)`), i.e. at 100 std: in effect

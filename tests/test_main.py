@@ -269,7 +269,7 @@ def test_attn_only_trains_what_the_original_trains():
 
 def test_attn_only_count_of_deit_small_distilled_is_the_originals():
     """7.56M trainable parameters, as the original (ours used to train 8.24M: patch_embed, tokens, head_dist)."""
-    with torch.device('meta'):
+    with builders.skeleton_device():
         model = timm.create_model('deit_small_distilled_patch16_224')
     count = builders.train_attention_only(model, 'deit_small_distilled_patch16_224')
     # 12 blocks x (qkv 384*1152 + 1152, proj 384*384 + 384) + head 384*1000 + 1000 + pos_embed 198*384
