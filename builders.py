@@ -111,9 +111,9 @@ def build_data(args: argparse.Namespace, device: torch.device
     else:
         sampler_train = RandomSampler(dataset_train)  # draws from torch's generator, which each epoch re-seeds
     print(f'Training sampler: {type(sampler_train).__name__}')
-    # Each sample's augmentations are seeded from its place in the epoch (seeding.py). The loader's own generator
-    # draws the workers' base seed, which DataLoader draws whenever it starts workers: from torch's generator, a
-    # resumed run (new workers where the uninterrupted run kept its own) would shift RandomSampler's draw after it.
+    # Each sample's augmentations are seeded from its place in the epoch (seeding.py). DataLoader draws a base seed
+    # for its workers whenever it starts them; from torch's generator, that draw would shift RandomSampler's after
+    # it in a resumed run, which starts workers where the run that never stopped kept its own: its own generator.
     loader_train = DataLoader(SeededDataset(dataset_train), sampler=SeededSampler(sampler_train, args.seed, rank),
                               batch_size=args.batch_size, drop_last=True, generator=torch.Generator(), **loader_kwargs)
     return dataset_train, dataset_val, loader_train, loader_val, nb_classes
