@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_image_folder
@@ -36,6 +37,7 @@ import engine
 import main
 import models
 import samplers
+import seeding
 import stopping
 import utils
 
@@ -434,6 +436,53 @@ def test_skipping_batches_of_a_resumed_epoch_reads_the_rest_of_the_same_order():
     rest = stopping.skip_batches(loader, 5)
     assert len(rest) == len(full) - 5
     assert [batch[0].tolist() for batch in rest] == full[5:]
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Item i: what torch, numpy and random draw when it is loaded, the generators that augmentations use."""
+
+    def __len__(self) -> int:
+        return 50
+
+    def __getitem__(self, index: int) -> Tuple[float, float, float]:
+        return torch.rand(1).item(), float(np.random.rand()), random.random()
+
+
+def test_each_sample_draws_from_its_key_and_leaves_the_training_process_generators_as_they_were():
+    dataset = seeding.SeededDataset(_Draws())
+    builders.seed_everything(5)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    draws = dataset[(3, (0, 0, 1, 7))]
+    assert dataset[(4, (0, 0, 1, 7))] == draws  # the key decides, not the index or what was drawn before
+    keys = [(0, 0, 1, 7), (0, 0, 1, 8), (0, 0, 2, 7), (0, 1, 1, 7), (1, 0, 1, 7)]  # each word changed in turn
+    assert len({dataset[(0, key)] for key in keys}) == len(keys)
+    assert torch.equal(torch.get_rng_state(), before[0]) and (np.random.get_state()[1] == before[1]).all()
+    assert random.getstate() == before[2]
+    # Repeated augmentation in one process: the copies of an image follow each other, each augmented its own way.
+    copies = list(itertools.islice(seeding.SeededSampler(samplers.RASampler(range(50), 1, 0), seed=0, rank=0), 3))
+    assert len({index for index, _ in copies}) == 1 and len({dataset[item] for item in copies}) == 3
+
+
+def test_a_resumed_epoch_keeps_the_seeds_of_its_samples():
+    loader = DataLoader(seeding.SeededDataset(_Draws()), batch_size=4, drop_last=True, generator=torch.Generator(),
+                        sampler=seeding.SeededSampler(RandomSampler(range(50)), seed=0, rank=0))
+    loader.sampler.set_epoch(3)
+    builders.seed_everything(0, 0, 3)
+    full = [torch.stack(batch).tolist() for batch in loader]
+    builders.seed_everything(0, 0, 3)
+    assert [torch.stack(batch).tolist() for batch in stopping.skip_batches(loader, 5)] == full[5:]
+
+
+def test_the_figures_of_a_stopped_epoch_resume_on_the_process_that_summed_them(capsys):
+    """resume_sums holds one entry per process; under another number of processes they cannot be matched, and
+    the resumed epoch's figures count its remaining batches only, as a note says."""
+    checkpoint = {'epoch': 2, 'resume_step': 6, 'resume_sums': [{'loss': (6, 7.5), 'lr': (6, 0.006)}]}
+    assert checkpoints._resumed_sums(checkpoint, 'ck.pth') == {'loss': (6, 7.5), 'lr': (6, 0.006)}
+    assert checkpoints._resumed_sums({'epoch': 2}, 'ck.pth') is None
+    checkpoint['resume_sums'] *= 2
+    assert checkpoints._resumed_sums(checkpoint, 'ck.pth') is None
+    assert 'ck.pth was written by 2 process(es) and this run has 1: the train_loss and train_lr of epoch 3 average ' \
+           'its batches from step 6 on only' in capsys.readouterr().out
 
 
 def test_unreadable_images_met_by_two_processes_are_counted_once(tmp_path):
