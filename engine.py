@@ -224,9 +224,9 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: 
 
     metric_logger = utils.MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    metric_logger.add_meter('img/s', utils.SmoothedValue(fmt='{median:.1f}'))
     for name, (count, total) in (resumed_sums or {}).items():
         metric_logger.meters[name].count, metric_logger.meters[name].total = count, total
-    metric_logger.add_meter('img/s', utils.SmoothedValue(fmt='{median:.1f}'))
     header = f'Epoch: [{epoch}]'
     last, step_loss = time.perf_counter(), 0.0
     for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header, device)):
