@@ -93,6 +93,10 @@ def shapes_only(monkeypatch):
     for module in (models_v2, resmlp_models, timm_cait, timm_vit):
         monkeypatch.setattr(module, 'trunc_normal_', lambda tensor, *args, **kwargs: tensor)
     monkeypatch.setattr(nn.Linear, 'reset_parameters', lambda self: None)
+    # timm 1.0.9 (the floor) reads its drop-path schedule with torch.linspace(...).item(), which has no value on
+    # meta: the schedule is drawn on the CPU (a few floats), the model still on meta.
+    linspace = torch.linspace
+    monkeypatch.setattr(torch, 'linspace', lambda *args, **kwargs: linspace(*args, **{'device': 'cpu', **kwargs}))
 
 
 def _timm_vit(name, **kwargs):
