@@ -244,6 +244,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--eval', action='store_true', help='evaluate only (default: off)')
     group.add_argument('--eval-crop-ratio', default=0.875, type=float,
                        help='center-crop ratio of evaluation (default: %(default)s)')
+    group.add_argument('--eval-every', '--eval_every', default=1, type=int, metavar='N',
+                       help='evaluate after every N-th epoch and after the last (default: %(default)s, every epoch, as '
+                            'the original); the other epochs\' log.txt lines hold the training figures only, and '
+                            'best_checkpoint.pth is judged on the evaluated epochs. Where evaluation costs much next to '
+                            'an epoch (small training sets), a larger N saves that time')
     group.add_argument('--dist-eval', action='store_true',
                        help='split the evaluation over the processes instead of evaluating on each (default: off)')
 
@@ -287,6 +292,10 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse combinations of flags that cannot work, with a message that says what to do."""
     if args.batch_size < 1 or args.epochs < 1 or args.accum_iter < 1:
         raise ValueError('--batch-size, --epochs and --accum-iter must be positive')
+    if args.eval_every < 1:
+        raise ValueError(f'--eval-every must be positive (got {args.eval_every}): 1 evaluates after every epoch')
+    if args.eval_every > 1 and args.sched == 'plateau':
+        raise ValueError('--sched plateau lowers the lr on the accuracy of every epoch: use --eval-every 1 with it')
     if args.log_dir:
         tensorboard_log.check_available()
     if args.resplit:
@@ -502,13 +511,16 @@ def main(args: argparse.Namespace) -> None:
                 stop.report(stopped, len(loader_train), output_dir)
                 raise
             start_step = 0
-            test_stats = evaluate_all(loader_val, model, model_ema if ema_on_device else None, device, amp_dtype,
-                                      args.eval_head)
+            test_stats = {}
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == num_epochs:
+                test_stats = evaluate_all(loader_val, model, model_ema if ema_on_device else None, device, amp_dtype,
+                                          args.eval_head)
             skipped = report_skipped(dataset_train, dataset_val) if args.skip_corrupt else {}
-            lr_scheduler.step(epoch + 1, test_stats['test_acc1'])
-            is_best = test_stats['test_acc1'] > max_accuracy
-            max_accuracy = max(max_accuracy, test_stats['test_acc1'])
-            print(f'Max accuracy: {max_accuracy:.2f}%')
+            lr_scheduler.step(epoch + 1, test_stats.get('test_acc1'))
+            is_best = test_stats.get('test_acc1', -math.inf) > max_accuracy
+            if test_stats:
+                max_accuracy = max(max_accuracy, test_stats['test_acc1'])
+                print(f'Max accuracy: {max_accuracy:.2f}%')
 
             if output_dir is not None:
                 log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, **test_stats, **skipped,

@@ -407,3 +407,24 @@ def write(out: Path, made: Dict[str, Any], setting: Dict[str, Any], measured: Di
         plot(summary, out / name)
     plot_curves(measured, out / 'training_curves.png')
     (out / 'report.md').write_text(markdown(made, setting, summary, found, measured))
+
+# ============ the probe ============
+
+
+def write_probe(out: Path, made: Dict[str, Any], probe: Dict[str, Any]) -> None:
+    """results.json and report.md of the probe runs: every run's curve on the probe split, and the lengths chosen."""
+    (out / 'results.json').write_text(json.dumps({'made': made, **probe}, indent=2) + '\n')
+    lines = ['# The probe: the lengths of reproduce.py\'s runs, chosen on the probe split', '',
+             '## What made this report', '', *[f'- {key}: `{value}`' for key, value in made.items()], '',
+             '## The rule', '',
+             f'Fixed in reproduce.py before any probe ran: {probe["rule"]}. Each probe run trains on the training '
+             'pool (half of each digit\'s training scans, the images of the claims grid) with the recipe of the '
+             'grid, and is scored on the probe split (reproduce_data.py), which no grid run trains or tests on.', '',
+             '## Runs', '', '| run | model | epochs | seed | probe top-1 (%) at the end |', '|---|---|---|---|---|',
+             *[f'| {r["name"]} | {r["model"]} | {r["epochs"]} | {r["seed"]} | {r["final"]:.1f} |'
+               for r in probe['runs']], '', '## Choices', '']
+    for kind, choice in probe['choices'].items():
+        means = ', '.join(f'{e} epochs: {m:.1f}' for e, m in choice['means'].items())
+        lines.append(f'- {kind} ({probe["models"][kind]}): mean probe top-1 {means} -> **{choice["epochs"]} epochs**'
+                     + ('' if choice['converged'] else ' (convergence not shown: the longest length probed)'))
+    (out / 'report.md').write_text('\n'.join(lines) + '\n')
