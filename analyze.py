@@ -148,16 +148,20 @@ def token_cosines(model: nn.Module, loader: DataLoader, device: torch.device,
     """Cosine similarity of the class and distillation tokens (paper, section 5.1).
 
     Returns:
-        {'params': cos(cls_token, dist_token) of the learned parameters, 'blocks': [after block i, the mean over
-        the images of cos(x[:, 0], x[:, 1]) of the block's output (before the final norm)] for each block}
+        {'params': cos(cls_token, dist_token) of the learned parameters,
+         'blocks': for each block i, the mean over the images of cos(x[:, 0], x[:, 1]) of its output x,
+         'blocks_normed': the same after the model's final norm (what the heads read after the last block)}
     """
     _require_distilled(model, 'tokens')
     model.to(device).eval()
-    sums = torch.zeros(len(model.blocks), dtype=torch.float64, device=device)
+    sums = torch.zeros(2, len(model.blocks), dtype=torch.float64, device=device)  # [before / after the norm, block]
 
     def record(index: int):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:  # output: [B, N + 2, D]
-            sums[index] += F.cosine_similarity(output[:, 0].float(), output[:, 1].float(), dim=-1).sum()
+            tokens = output[:, :2].float()  # [B, 2, D]: class, distillation
+            normed = model.norm(tokens)  # LayerNorm acts per token: the same as norming the whole sequence
+            for row, x in enumerate((tokens, normed)):
+                sums[row, index] += F.cosine_similarity(x[:, 0], x[:, 1], dim=-1).sum()
         return hook
 
     handles = [block.register_forward_hook(record(i)) for i, block in enumerate(model.blocks)]
@@ -171,7 +175,31 @@ def token_cosines(model: nn.Module, loader: DataLoader, device: torch.device,
         for handle in handles:
             handle.remove()
     params = F.cosine_similarity(model.cls_token.flatten().float(), model.dist_token.flatten().float(), dim=0)
-    return {'params': params.item(), 'blocks': (sums / total).tolist()}
+    blocks, blocks_normed = (sums / total).tolist()
+    return {'params': params.item(), 'blocks': blocks, 'blocks_normed': blocks_normed}
+
+
+@torch.no_grad()
+def token_movement(model: nn.Module, initial: nn.Module) -> Dict[str, float]:
+    """How the learned class and distillation tokens of ``model`` relate, at initialisation (``initial``, the same
+    architecture before training) and now.
+
+    Returns:
+        {'cos_init': cos(cls_token, dist_token) of ``initial``, 'cos_end': the same of ``model``,
+         'moved_cls': ||cls_token - its initial value|| / ||initial value||, 'moved_dist': the same for dist_token}
+    """
+    _require_distilled(model, 'tokens')
+    _require_distilled(initial, 'tokens')
+
+    def cos(m: nn.Module) -> float:
+        return F.cosine_similarity(m.cls_token.flatten().float(), m.dist_token.flatten().float(), dim=0).item()
+
+    def moved(name: str) -> float:
+        start, end = getattr(initial, name).float(), getattr(model, name).float()
+        return ((end - start).norm() / start.norm()).item()
+
+    return {'cos_init': cos(initial), 'cos_end': cos(model), 'moved_cls': moved('cls_token'),
+            'moved_dist': moved('dist_token')}
 
 
 @torch.no_grad()
@@ -382,8 +410,9 @@ def run_tokens(args: argparse.Namespace) -> None:
     figures = token_cosines(model, loader, device, builders.amp_dtype_of(args.precision, device))
     print(f'cos(class token, distillation token) over {len(loader.dataset)} images (paper: 0.06 for the learned '
           'tokens, 0.93 after the last block)')
-    rows = [('learned tokens', figures['params'])] + [(f'after block {i}', c) for i, c in enumerate(figures['blocks'])]
-    print(_table(('where', 'cosine'), rows))
+    rows = [('learned tokens', figures['params'], '')] + [
+        (f'after block {i}', c, n) for i, (c, n) in enumerate(zip(figures['blocks'], figures['blocks_normed']))]
+    print(_table(('where', 'cosine', 'after the final norm'), rows))
     _write_json(args.json, figures)
 
 

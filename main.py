@@ -247,8 +247,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--eval-every', '--eval_every', default=1, type=int, metavar='N',
                        help='evaluate after every N-th epoch and after the last (default: %(default)s, every epoch, as '
                             'the original); the other epochs\' log.txt lines hold the training figures only, and '
-                            'best_checkpoint.pth is judged on the evaluated epochs. Where evaluation costs much next to '
-                            'an epoch (small training sets), a larger N saves that time')
+                            'best_checkpoint.pth is judged on the evaluated epochs. Where evaluation costs much next '
+                            'to an epoch (small training sets), a larger N saves that time')
     group.add_argument('--dist-eval', action='store_true',
                        help='split the evaluation over the processes instead of evaluating on each (default: off)')
 

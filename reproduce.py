@@ -35,10 +35,14 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import timm
 import torch
+from torch.utils.data import DataLoader
 
+import builders
 import main as deit_main
 import reproduce_data
 import reproduce_report
+from analyze import load_model, token_cosines, token_movement, top1_predictions
+from datasets import build_dataset
 from reproduce_grid import Grid, Run, read_log
 
 STUDENT, STUDENT_DISTILLED = 'deit_tiny_patch16_224', 'deit_tiny_distilled_patch16_224'
@@ -55,6 +59,7 @@ SWEEP_VARIANTS = ('none', 'hard_convnet', 'hard_transformer')
 # Seeds of the teachers of student seed k: TEACHER_SEED + k. A transformer teacher with the student's own seed would
 # be the 'none' run itself, bit for bit. The probe runs use seeds of their own too.
 TEACHER_SEED, PROBE_SEED = 1000, 2000
+HEADS = ('cls', 'dist', 'avg')
 EXIT_FAILED, EXIT_USER_ERROR, EXIT_STOPPED = 1, 2, 3
 
 # ============ the probe: what chose the lengths ============
@@ -66,6 +71,13 @@ PROBE_EPOCHS = (100, 200, 400)
 PROBE_SEEDS = 2
 PROBE_GAIN = 1.0
 PROBE_MODELS = {'student': STUDENT, 'convnet': TEACHER_MODELS['convnet']}
+
+
+_RULE = (f'the shortest of {", ".join(map(str, PROBE_EPOCHS))} epochs whose doubling gains less than {PROBE_GAIN:g} '
+         f'point of top-1 on the probe split, mean over {PROBE_SEEDS} seeds')
+# What chose each length of Setting; tests/test_reproduce.py checks that results/probe chose these values.
+CHOSEN_BY = {'student': f'chosen by the probe of a plain DeiT-Ti (results/probe/report.md): {_RULE}',
+             'convnet': f'chosen by the probe of {TEACHER_MODELS["convnet"]} (results/probe/report.md): the same rule'}
 
 
 @dataclass(frozen=True)
@@ -184,6 +196,70 @@ def probe_results(job: 'Job') -> Dict[str, Any]:
     return {'rule': rule, 'runs': runs, 'choices': {kind: choose_length(s) for kind, s in scores.items()},
             'models': PROBE_MODELS}
 
+# ============ measuring the runs ============
+
+
+def initial_model(run: Run, setting: Setting, nb_classes: int) -> torch.nn.Module:
+    """The model of ``run`` as main.py starts training it: seeded with --seed, built before any step
+    (tests/test_reproduce.py checks that it equals main.py's)."""
+    builders.seed_everything(run.seed)
+    return builders.create_model(run.model, setting.input_size, num_classes=nb_classes)
+
+
+def test_loader(job: 'Job', fraction: float) -> DataLoader:
+    """main.py's evaluation loader of a run's test images: eval transform, in order, batch 1.5 x batch size."""
+    args = deit_main.get_args_parser().parse_args(['--data-set', 'FOLDER', '--data-path', str(job.data[fraction]),
+                                                   '--input-size', str(job.setting.input_size)])
+    dataset, _ = build_dataset(is_train=False, args=args)
+    return DataLoader(dataset, batch_size=int(1.5 * job.setting.batch_size), shuffle=False, num_workers=0)
+
+
+def analyse(run: Run, folder: Path, job: 'Job', loader: DataLoader, device: torch.device) -> Dict[str, Any]:
+    """The final weights' top-1 prediction of every test image (each head of a distilled student), and a distilled
+    student's tokens; cached in analysis.json next to the final checkpoint it was computed from."""
+    cache, checkpoint = folder / 'analysis.json', folder / 'checkpoint.pth'
+    if cache.exists() and cache.stat().st_mtime >= checkpoint.stat().st_mtime:
+        return json.loads(cache.read_text())
+    nb_classes = len(loader.dataset.classes)
+    model = load_model(str(checkpoint), run.model, job.setting.input_size, nb_classes=nb_classes)
+    distilled = run.model == STUDENT_DISTILLED
+    result: Dict[str, Any] = {'predictions': {head: top1_predictions(model, loader, device, head).tolist()
+                                              for head in (HEADS if distilled else ('avg',))}}
+    if distilled:
+        result['tokens'] = {**token_cosines(model, loader, device),
+                            **token_movement(model, initial_model(run, job.setting, nb_classes))}
+    cache.write_text(json.dumps(result) + '\n')
+    return result
+
+
+def measure(job: 'Job', device: torch.device) -> Dict[str, Any]:
+    """Every run's record (results.json's 'runs'), and per training fraction the test images' labels and sources."""
+    tests, runs = {}, []
+    for fraction in sorted(job.data):
+        loader = test_loader(job, fraction)
+        tests[fraction] = {'loader': loader, 'labels': [t for _, t in loader.dataset.samples],
+                           'is_val': [reproduce_data.is_val_image(p) for p, _ in loader.dataset.samples]}
+    for run in job.runs:
+        folder = job.out / 'runs' / run.name
+        print(f'analysing {run.name}', flush=True)
+        test = tests[run.fraction]
+        analysis = analyse(run, folder, job, test['loader'], device)
+        labels, is_val = np.asarray(test['labels']), np.asarray(test['is_val'])
+        final, final_val = {}, {}
+        for head, predicted in analysis['predictions'].items():
+            hits = np.asarray(predicted) == labels
+            final[head], final_val[head] = 100 * hits.mean(), 100 * hits[is_val].mean()
+        teacher = VARIANTS.get(run.variant, (None, None, None))[2]
+        runs.append({
+            'name': run.name, 'variant': run.variant, 'model': run.model, 'seed': run.seed,
+            'teacher_seed': TEACHER_SEED + run.seed if teacher else None, 'teacher': run.teacher,
+            'fraction': run.fraction, 'train_images': len(reproduce_data.split_indices(run.fraction)['train']),
+            'epochs': run.epochs, 'steps': run.epochs * steps_per_epoch(run.fraction, job.setting.batch_size),
+            'curve': [[line['epoch'] + 1, line['test_acc1']] for line in read_log(folder) if 'test_acc1' in line],
+            'final': final, 'final_val': final_val, 'tokens': analysis.get('tokens'),
+            'predictions': analysis['predictions'], 'done': json.loads((folder / 'done.json').read_text())})
+    return {'runs': runs, 'tests': {f: {k: v for k, v in t.items() if k != 'loader'} for f, t in tests.items()}}
+
 # ============ main.py's command line of a run ============
 
 
@@ -287,14 +363,15 @@ def prepare(args: argparse.Namespace) -> Job:
     setting = SETTINGS[name]
     seeds = args.seeds or (1 if args.quick else DEFAULT_SEEDS[kind])
     args.jobs = args.jobs or (1 if device.type == 'cuda' else min(os.cpu_count() or 1, 8))
-    out = Path(args.output_dir or {'grid': 'reproduce_out', 'sweep': 'reproduce_sweep', 'probe': 'reproduce_probe'}[kind])
+    out = Path(args.output_dir or f'reproduce_{"out" if kind == "grid" else kind}')
     check_setting(out, f'{kind}, {name}', setting)
     job = Job(kind, name, setting, seeds, out)
     if kind == 'probe':
         job.data = {reproduce_data.POOL_END: reproduce_data.probe_folder(out)}
     else:
         job.runs = plan_sweep(setting, seeds) if kind == 'sweep' else plan_grid(setting, seeds)
-        job.data = {f: reproduce_data.test_folder(out, f, setting.quick) for f in sorted({r.fraction for r in job.runs})}
+        fractions = sorted({r.fraction for r in job.runs})
+        job.data = {f: reproduce_data.test_folder(out, f, setting.quick) for f in fractions}
     return job
 
 
@@ -319,8 +396,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             runs = job.runs if stage is None else plan_probe(job.setting, job.seeds, undecided(job, stage), stage)
             if stage is not None:
                 if args.quick:  # two epochs of the shortest length: the pipeline, not a length
-                    runs = [] if stage != PROBE_EPOCHS[0] else [Run(r.name, r.model, 2, r.seed, r.flags, variant=r.variant,
-                                                                    fraction=r.fraction, warmup_epochs=1) for r in runs]
+                    runs = [] if stage != PROBE_EPOCHS[0] else [
+                        Run(r.name, r.model, 2, r.seed, r.flags, variant=r.variant, fraction=r.fraction,
+                            warmup_epochs=1) for r in runs]
                 job.runs += runs
             grid = Grid(runs, job.out, args.jobs, args.threads,
                         lambda run: main_flags(run, job.setting, job.data[run.fraction], job.out, args.device))
@@ -335,7 +413,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if job.kind == 'probe':
         reproduce_report.write_probe(job.out, made, probe_results(job))
     else:
-        reproduce_report.write(job, made, measure(job, torch.device(args.device)))
+        setting = {'name': job.setting_name, **asdict(job.setting), 'chosen_by': CHOSEN_BY}
+        measured = {**measure(job, torch.device(args.device)),
+                    'probe_images': len(reproduce_data.split_indices(reproduce_data.POOL_END)['probe'])}
+        reproduce_report.write(job.out, made, setting, measured, sweep=job.kind == 'sweep')
     print(f'wrote {job.out / "report.md"}, {job.out / "results.json"} and the figures in {job.out}')
 
 

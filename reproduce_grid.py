@@ -21,7 +21,7 @@ EXIT_FAILED = 1
 
 @dataclass
 class Run:
-    name: str                      # '<variant>/seed<k>', 'teacher_<kind>/seed<k>', with a 'f<fraction>/' prefix in a sweep
+    name: str                      # '<variant>/seed<k>' or 'teacher_<kind>/seed<k>' ('f<fraction>/' first in a sweep)
     model: str
     epochs: int
     seed: int
@@ -165,8 +165,8 @@ class Grid:
                     work = self._work(run, run.epochs - logged)
                     done_work, left, in_progress = done_work + work, left - work, in_progress - work
                     finished_runs = len(self.runs) - len(todo) - len(running)
-                    print(f'[{finished_runs}/{len(self.runs)} runs done] {run.name} in {duration(time.time() - started)}'
-                          f', top-1 {acc:.1f}%; {self._eta(done_work + in_progress, left - in_progress)}', flush=True)
+                    print(f'[{finished_runs}/{len(self.runs)} runs done] {run.name} in '
+                          f'{duration(time.time() - started)}, top-1 {acc:.1f}%; {self._eta(done_work + in_progress, left - in_progress)}', flush=True)
                 elif time.time() - last_heartbeat > self.heartbeat_s:
                     last_heartbeat = time.time()
                     epochs = ', '.join(f'{r.name} epoch {self._logged(r)}/{r.epochs}' for r, _, _ in running.values())
