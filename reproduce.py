@@ -25,10 +25,12 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -43,7 +45,7 @@ import reproduce_data
 import reproduce_report
 from analyze import load_model, token_cosines, token_movement, top1_predictions
 from datasets import build_dataset
-from reproduce_grid import Grid, Run, read_log
+from reproduce_grid import HERE, Grid, Run, finished, read_log, run_main
 
 STUDENT, STUDENT_DISTILLED = 'deit_tiny_patch16_224', 'deit_tiny_distilled_patch16_224'
 TEACHER_MODELS = {'convnet': 'regnety_002', 'transformer': STUDENT}
@@ -73,10 +75,10 @@ PROBE_GAIN = 1.0
 PROBE_MODELS = {'student': STUDENT, 'convnet': TEACHER_MODELS['convnet']}
 
 
-_RULE = (f'the shortest of {", ".join(map(str, PROBE_EPOCHS))} epochs whose doubling gains less than {PROBE_GAIN:g} '
-         f'point of top-1 on the probe split, mean over {PROBE_SEEDS} seeds')
+PROBE_RULE = (f'the shortest of {", ".join(map(str, PROBE_EPOCHS))} epochs whose doubling gains less than '
+              f'{PROBE_GAIN:g} point of top-1 on the probe split (mean over {PROBE_SEEDS} seeds), else the longest')
 # What chose each length of Setting; tests/test_reproduce.py checks that results/probe chose these values.
-CHOSEN_BY = {'student': f'chosen by the probe of a plain DeiT-Ti (results/probe/report.md): {_RULE}',
+CHOSEN_BY = {'student': f'chosen by the probe of a plain DeiT-Ti (results/probe/report.md): {PROBE_RULE}',
              'convnet': f'chosen by the probe of {TEACHER_MODELS["convnet"]} (results/probe/report.md): the same rule'}
 
 
@@ -97,7 +99,7 @@ class Setting:
 
 
 SETTINGS = {'default': Setting(),
-            'quick': Setting(student_epochs=2, convnet_epochs=2, warmup_epochs=1, fraction=0.125, eval_every=1,
+            'quick': Setting(student_epochs=1, convnet_epochs=1, warmup_epochs=1, fraction=0.125, eval_every=2,
                              quick=True)}
 DEFAULT_SEEDS = {'grid': 8, 'sweep': 6, 'probe': PROBE_SEEDS}
 
@@ -191,9 +193,7 @@ def probe_results(job: 'Job') -> Dict[str, Any]:
         runs.append({'name': run.name, 'model': run.model, 'seed': run.seed, 'epochs': run.epochs, 'curve': curve,
                      'final': curve[-1]})
         scores.setdefault(run.variant.removeprefix('probe_'), {}).setdefault(run.epochs, []).append(curve[-1])
-    rule = (f'the shortest length of {", ".join(map(str, PROBE_EPOCHS))} epochs whose doubling gains less than '
-            f'{PROBE_GAIN:g} point of top-1 on the probe split (mean over seeds), else the longest')
-    return {'rule': rule, 'runs': runs, 'choices': {kind: choose_length(s) for kind, s in scores.items()},
+    return {'rule': PROBE_RULE, 'runs': runs, 'choices': {kind: choose_length(s) for kind, s in scores.items()},
             'models': PROBE_MODELS}
 
 # ============ measuring the runs ============
@@ -260,6 +260,42 @@ def measure(job: 'Job', device: torch.device) -> Dict[str, Any]:
             'predictions': analysis['predictions'], 'done': json.loads((folder / 'done.json').read_text())})
     return {'runs': runs, 'tests': {f: {k: v for k, v in t.items() if k != 'loader'} for f, t in tests.items()}}
 
+# ============ where a run's time goes ============
+
+TIME_SPLIT_EPOCHS = 20  # of the run measured by --time-split
+
+
+def measure_time_split(job: 'Job', device: str, threads: int) -> Dict[str, Any]:
+    """--time-split: the first hard-distilled student of the grid, TIME_SPLIT_EPOCHS epochs from scratch, run as
+    reproduce.py ran it before (a new interpreter per run, evaluated after every epoch) and as it runs now (a fork
+    of this process, evaluated every Setting.eval_every epochs), one after the other; each run's time split by
+    reproduce_grid.Timers."""
+    student = next(r for r in job.runs if r.variant == 'hard_convnet')
+    if not finished(job.out / 'runs' / student.teacher):
+        raise ValueError(f'--time-split measures {student.name}, whose teacher {student.teacher} is not trained yet: '
+                         'run the grid first')
+    splits = {}
+    for name, eval_every, fork in (('before', 1, False), ('after', job.setting.eval_every, True)):
+        run = replace(student, name=f'time_split/{name}', epochs=TIME_SPLIT_EPOCHS)
+        folder = job.out / 'runs' / run.name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        flags = main_flags(run, replace(job.setting, eval_every=eval_every), job.data[run.fraction], job.out, device)
+        print(f'--time-split: {name}, {" ".join(flags)}', flush=True)
+        if fork:
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:
+                run_main(flags, folder / 'stdout.txt', threads)
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        else:
+            code = subprocess.run([sys.executable, str(HERE / 'reproduce_grid.py'), str(time.time()),
+                                   str(folder / 'stdout.txt'), str(threads), *flags], cwd=HERE).returncode
+        if code != 0:
+            raise RuntimeError(f'--time-split: the {name} run exited with status {code}; see {folder / "stdout.txt"}')
+        splits[name] = json.loads((folder / 'timing.json').read_text())
+    return {'run': student.name, 'epochs': TIME_SPLIT_EPOCHS, 'eval_every': job.setting.eval_every, **splits}
+
 # ============ main.py's command line of a run ============
 
 
@@ -289,6 +325,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     what.add_argument('--sweep', action='store_true',
                       help='the gain of hard distillation over none, from each teacher kind, at 1/8, 1/4 and 1/2 of '
                            'the training scans (default: off, the claims grid)')
+    what.add_argument('--time-split', action='store_true',
+                      help=f'after the grid: where a run\'s time goes, {TIME_SPLIT_EPOCHS} epochs of its first '
+                           'hard-distilled student run as reproduce.py ran them before and as it runs them now; '
+                           'written to time_split.json, which the report\'s Time section shows (default: off)')
     what.add_argument('--probe', action='store_true',
                       help='the probe runs that chose the lengths of the runs, scored on the probe split '
                            '(default: off)')
@@ -410,12 +450,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     torch.set_num_threads(args.threads)  # only now: the runs are forked from a process that computed nothing
     made['finished'] = time.strftime('%Y-%m-%d %H:%M:%S')
     made['runs trained by this command'] = f'{trained} of {len(job.runs)} (the others by an earlier start of it)'
+    if args.time_split:
+        try:
+            split = measure_time_split(job, args.device, args.threads)
+        except (ValueError, RuntimeError) as e:
+            parser.exit(EXIT_FAILED, f'{parser.prog}: {e}\n')
+        (job.out / 'time_split.json').write_text(json.dumps(split, indent=2) + '\n')
     if job.kind == 'probe':
         reproduce_report.write_probe(job.out, made, probe_results(job))
     else:
         setting = {'name': job.setting_name, **asdict(job.setting), 'chosen_by': CHOSEN_BY}
+        split = job.out / 'time_split.json'
         measured = {**measure(job, torch.device(args.device)),
-                    'probe_images': len(reproduce_data.split_indices(reproduce_data.POOL_END)['probe'])}
+                    'probe_images': len(reproduce_data.split_indices(reproduce_data.POOL_END)['probe']),
+                    'time_split': json.loads(split.read_text()) if split.exists() else None}
         reproduce_report.write(job.out, made, setting, measured, sweep=job.kind == 'sweep')
     print(f'wrote {job.out / "report.md"}, {job.out / "results.json"} and the figures in {job.out}')
 

@@ -115,8 +115,10 @@ class Grid:
         log = read_log(folder)
         if not log or log[-1]['epoch'] != run.epochs - 1:
             raise RuntimeError(f'{run.name}: log.txt ends before epoch {run.epochs - 1}; see {folder / "stdout.txt"}')
+        timing = folder / 'timing.json'
         done = {'wall_s': time.time() - started, 'cpu_s': usage.ru_utime + usage.ru_stime, 'threads': self.threads,
-                'test_acc1': log[-1].get('test_acc1'), 'epochs': run.epochs}
+                'test_acc1': log[-1].get('test_acc1'), 'epochs': run.epochs,
+                'split': json.loads(timing.read_text()) if timing.exists() else None}
         (folder / 'done.json').write_text(json.dumps(done, indent=2) + '\n')
         return done['test_acc1']
 
@@ -165,8 +167,9 @@ class Grid:
                     work = self._work(run, run.epochs - logged)
                     done_work, left, in_progress = done_work + work, left - work, in_progress - work
                     finished_runs = len(self.runs) - len(todo) - len(running)
+                    eta = self._eta(done_work + in_progress, left - in_progress)
                     print(f'[{finished_runs}/{len(self.runs)} runs done] {run.name} in '
-                          f'{duration(time.time() - started)}, top-1 {acc:.1f}%; {self._eta(done_work + in_progress, left - in_progress)}', flush=True)
+                          f'{duration(time.time() - started)}, top-1 {acc:.1f}%; {eta}', flush=True)
                 elif time.time() - last_heartbeat > self.heartbeat_s:
                     last_heartbeat = time.time()
                     epochs = ', '.join(f'{r.name} epoch {self._logged(r)}/{r.epochs}' for r, _, _ in running.values())
@@ -182,13 +185,83 @@ class Grid:
         return count
 
 
-def run_main(flags: List[str], stdout: Path, threads: int) -> None:
-    """In a forked child: main.py's command line, its output appended to ``stdout``; exits with its status.
+class Timers:
+    """Where the wall time of a main.py run goes, measured by wrapping the functions main.py calls (main.py itself is
+    unchanged): start-up (from ``started``, the moment the run was launched, to its first training step),
+    data loading and augmentation of the training images, the teacher's forward passes, the rest of the training
+    steps (the student's forward and backward passes and the optimizer), evaluation, checkpoint (and log) writes.
+
+    Written for reproduce.py's Time section; ``install`` patches the modules of this process, so it is meant for a
+    process that runs one main.py run and exits.
+    """
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.seconds = {part: 0.0 for part in PARTS}
+        self.first_step: Optional[float] = None
+        self.in_training = False
+
+    def _wrap(self, owner: Any, name: str, part: Optional[str], training: Optional[bool] = None) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            counted = part is not None and (part != 'data' or self.in_training)
+            previous = self.in_training
+            if training is not None:
+                self.in_training = training
+                if training and self.first_step is None:
+                    self.first_step = time.time()
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.in_training = previous
+                if counted:
+                    self.seconds[part] += time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    def install(self) -> None:
+        import builders
+        import checkpoints
+        import datasets
+
+        self._wrap(deit_main, 'train_one_epoch', 'training', training=True)
+        self._wrap(deit_main, 'evaluate_all', 'evaluation', training=False)
+        self._wrap(checkpoints, 'save_epoch', 'checkpoints')
+        self._wrap(datasets.ImageFileDataset, '__getitem__', 'data')
+        build_teacher = builders.build_teacher
+
+        def timed_teacher(*args: Any, **kwargs: Any) -> torch.nn.Module:
+            teacher = build_teacher(*args, **kwargs)
+            self._wrap(teacher, 'forward', 'teacher')
+            return teacher
+
+        builders.build_teacher = timed_teacher
+
+    def split(self) -> Dict[str, float]:
+        """Seconds per part; 'training step' is the training time without its data loading and teacher."""
+        end = time.time()
+        s = dict(self.seconds)
+        s['start-up'] = (self.first_step or end) - self.started
+        s['training step'] = s.pop('training') - s['data'] - s['teacher']
+        s['other'] = (end - self.started) - sum(s.values())
+        s['total'] = end - self.started
+        return s
+
+
+PARTS = ('training', 'data', 'teacher', 'evaluation', 'checkpoints')
+
+
+def run_main(flags: List[str], stdout: Path, threads: int, started: Optional[float] = None) -> None:
+    """In a forked child (or a new interpreter: see ``python reproduce_grid.py``): main.py's command line, its output
+    appended to ``stdout``, where its time went in ``stdout``'s folder as timing.json; exits with its status.
 
     A fork rather than a new interpreter spares each run the seconds of importing torch and timm; the run is
     the same as `python main.py <flags>`, and main.py stops it cleanly on SIGTERM once it trains.
     """
     code = EXIT_FAILED
+    timers = Timers(time.time() if started is None else started)
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -196,6 +269,7 @@ def run_main(flags: List[str], stdout: Path, threads: int) -> None:
             os.dup2(log.fileno(), sys.stdout.fileno())
             os.dup2(log.fileno(), sys.stderr.fileno())
         torch.set_num_threads(threads)
+        timers.install()
         deit_main.cli(flags)
         code = 0
     except SystemExit as e:
@@ -203,6 +277,13 @@ def run_main(flags: List[str], stdout: Path, threads: int) -> None:
     except BaseException:  # the traceback goes to the run's stdout.txt, the status to the grid
         traceback.print_exc()
     finally:
+        (stdout.parent / 'timing.json').write_text(json.dumps(timers.split(), indent=2) + '\n')
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+if __name__ == '__main__':
+    # `python reproduce_grid.py LAUNCHED STDOUT THREADS <main.py flags>`: one instrumented run in a new interpreter,
+    # its start-up counted from LAUNCHED (time.time() of the launching process), imports included.
+    run_main(sys.argv[4:], Path(sys.argv[2]), int(sys.argv[3]), started=float(sys.argv[1]))

@@ -278,9 +278,10 @@ def describe(setting: Dict[str, Any], sizes: Dict[str, int], probe: Dict[str, st
     per_class = sizes['train'] // 10
     return [
         f'Data: DIGITS (real 8x8 scans of handwritten digits). Training: {sizes["train"]} images '
-        f'({setting["fraction"]:g} of each digit\'s training scans, about {per_class} per class), a data-poor regime on purpose: the paper\'s '
-        'point is that a transformer, which lacks a convnet\'s inductive biases, learns them from a convnet teacher '
-        'when data alone does not teach them (ImageNet has about 1,300 images per class). Test: DIGITS\' '
+        f'({setting["fraction"]:g} of each digit\'s training scans, about {per_class} per class), a data-poor regime '
+        'on purpose: the paper\'s point is that a transformer, which lacks a convnet\'s inductive biases, learns '
+        'them from a convnet teacher when data alone does not teach them (ImageNet has about 1,300 images per '
+        'class). Test: DIGITS\' '
         f'{sizes["val"]} validation scans and the {sizes["heldout"]} training scans that no run trains on and no '
         f'choice looked at ({sizes["val"] + sizes["heldout"]} in all; both figures are given). Settings were '
         f'chosen on the {sizes["probe"]} scans of the probe split (reproduce_data.py).',
@@ -370,12 +371,14 @@ def _stability_rows(table: Dict[str, Dict[int, Dict[str, Any]]], found: List[Dic
     for u in found:
         rows.append(f'- {VARIANT_NAMES.get(u["variant"], u["variant"])}, seed {u["seed"]}: {u["final"]:.1f} at the '
                     f'end, {u["median"] - u["final"]:.1f} below the median; its best evaluated epoch was '
-                    f'{u["best_epoch"]} at {u["best"]:.1f}' + (' (it learned, then lost it: a divergence)' if u['best'] > u['median'] - 5
-                                          else ' (it never reached its variant\'s level)'))
+                    f'{u["best_epoch"]} at {u["best"]:.1f}'
+                    + (' (it learned, then lost it: a divergence)' if u['best'] > u['median'] - 5
+                       else ' (it never reached its variant\'s level)'))
     return rows
 
 
 def _timing_rows(runs: List[Dict[str, Any]], split: Optional[Dict[str, Any]]) -> List[str]:
+    """Wall and CPU time per kind of run, where it went, and --time-split's before / after."""
     kinds: Dict[str, List[Dict[str, Any]]] = {}
     for r in runs:
         kinds.setdefault(r['variant'], []).append(r)
@@ -389,10 +392,25 @@ def _timing_rows(runs: List[Dict[str, Any]], split: Optional[Dict[str, Any]]) ->
     rows += ['', f'All runs together used {duration(cpu)} of CPU time (user + system, one thread per run). On an idle '
              f'machine with C cores running C runs side by side that takes about the CPU time divided by C: '
              f'{duration(cpu / 2)} on 2 cores.']
+    splits = [r['done']['split'] for r in runs if r['done'].get('split')]
+    if splits:
+        total = sum(s['total'] for s in splits)
+        rows += ['', 'Where the wall time of these runs went (reproduce_grid.Timers, summed over the runs):', '',
+                 '| part | share |', '|---|---|',
+                 *[f'| {part} | {sum(s[part] for s in splits) / total:.1%} |' for part in SPLIT_PARTS]]
     if split:
-        rows += ['', split['text'], '', '| part of a run | before | after |', '|---|---|---|',
-                 *[f'| {part} | {before} | {after} |' for part, before, after in split['rows']]]
+        before, after = split['before'], split['after']
+        rows += ['', f'Before and after (`python reproduce.py --time-split`): {split["epochs"]} epochs of '
+                 f'{split["run"]}, run as reproduce.py ran its runs before (a new interpreter each, evaluated after '
+                 f'every epoch) and as it runs them now (a fork of reproduce.py, evaluated every '
+                 f'{split["eval_every"]} epochs), one after '
+                 'the other on the same machine. Seconds of wall time:', '',
+                 '| part | before | after |', '|---|---|---|',
+                 *[f'| {part} | {before[part]:.1f} | {after[part]:.1f} |' for part in (*SPLIT_PARTS, 'total')]]
     return rows
+
+
+SPLIT_PARTS = ('start-up', 'data', 'training step', 'teacher', 'evaluation', 'checkpoints', 'other')
 
 
 def markdown(made: Dict[str, Any], setting: Dict[str, Any], r: Dict[str, Any]) -> str:
