@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 import builders
 import models
 import utils
-from checkpoints import load_weights, weights_of
+from checkpoints import load_weights
 from datasets import DATA_SETS, INAT_CATEGORIES, CorruptImageError, build_eval_transform
 from figures import METHODS, MissingPackage, plot_attention, plot_curves, read_log
 
@@ -64,7 +64,7 @@ def load_model(path: str, model_name: Optional[str] = None, input_size: int = 22
     if ema and 'model_ema' not in checkpoint:
         raise ValueError(f'{path} holds no EMA weights (model_ema): drop --ema, or give a checkpoint that main.py '
                          'wrote with its weight EMA on (the default)')
-    state_dict = checkpoint['model_ema'] if ema else weights_of(checkpoint)
+    state_dict = checkpoint['model_ema'] if ema else utils.weights_of(checkpoint)
     train_args = checkpoint.get('args') or {}  # the original code pickled an argparse.Namespace
     name = model_name or getattr(train_args, 'model', None) or dict(train_args).get('model', DEFAULT_MODEL)
     if nb_classes is None:

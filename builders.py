@@ -6,7 +6,7 @@ whichever script made it.
 import argparse
 import atexit
 import random
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 import models
 import utils
-from checkpoints import load_weights, weights_of
+from checkpoints import load_weights
 from datasets import build_dataset
-from losses import DistillationLoss
+from losses import CosubLoss, DistillationLoss
 from samplers import RASampler
 from stopping import end_workers_at_exit, ignore_stop_signals
 
@@ -112,10 +112,25 @@ def build_data(args: argparse.Namespace, device: torch.device
     return dataset_train, dataset_val, loader_train, loader_val, nb_classes
 
 
+# apex's optimizers that the original's commands name -> timm's implementation of the same update: timm's fused*
+# names need NVIDIA apex, which no PyTorch wheel ships (it is built from source against one CUDA and torch).
+APEX_OPTIMIZERS = {'fusedlamb': 'lamb'}
+
+
 def build_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """timm's optimizer factory at the scaled lr (args.actual_lr); the fused Adam / AdamW kernel on CUDA."""
-    fused = args.fused if args.fused is not None else device.type == 'cuda' and args.opt.lower() in ('adam', 'adamw')
-    kwargs = dict(optimizer_kwargs(args), lr=args.actual_lr)
+    """timm's optimizer factory at the scaled lr (args.actual_lr); the fused Adam / AdamW kernel on CUDA.
+
+    ``--opt fusedlamb`` (apex's FusedLAMB, DeiT III's optimizer) runs timm's ``lamb``, said in one line: the same
+    LAMB update (Adam moments, weight decay added to the update, layer-wise trust ratio skipped where there is no
+    weight decay, gradients clipped to a global norm of 1), in multi-tensor (foreach) kernels on CUDA.
+    """
+    opt = args.opt.lower()
+    if opt in APEX_OPTIMIZERS:
+        print(f'--opt {args.opt} is NVIDIA apex\'s: running timm\'s {APEX_OPTIMIZERS[opt]} instead, the same update '
+              'without apex' + (' (multi-tensor kernels on CUDA)' if device.type == 'cuda' else ''))
+        opt = APEX_OPTIMIZERS[opt]
+    kwargs = dict(optimizer_kwargs(args), opt=opt, lr=args.actual_lr)
+    fused = args.fused if args.fused is not None else device.type == 'cuda' and opt in ('adam', 'adamw')
     if fused:
         kwargs['fused'] = True
     return create_optimizer_v2(model, **kwargs)
@@ -140,8 +155,8 @@ def train_attention_only(model: nn.Module, name: str) -> int:
 def build_teacher(args: argparse.Namespace, nb_classes: int, device: torch.device) -> nn.Module:
     """--teacher-model with the weights of --teacher-path, in eval mode on ``device``."""
     teacher = create_model(args.teacher_model, args.input_size, num_classes=nb_classes)
-    load_weights(teacher, weights_of(utils.load_checkpoint(args.teacher_path)), f'--teacher-path {args.teacher_path}',
-                 flag='--teacher-model')
+    load_weights(teacher, utils.weights_of(utils.load_checkpoint(args.teacher_path)),
+                 f'--teacher-path {args.teacher_path}', flag='--teacher-model')
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     return teacher.to(device, memory_format=memory_format).eval()
 
@@ -158,10 +173,24 @@ def check_distillation_head(args: argparse.Namespace, model: nn.Module) -> None:
                          'a *_distilled_* model (e.g. deit_tiny_distilled_patch16_224) or drop the flag')
 
 
+def check_cosub(args: argparse.Namespace) -> None:
+    """Refuse --cosub with what it cannot combine with: a teacher, a second head trained on the labels, or no
+    stochastic depth to draw its two sub-models (a *_distilled_* model is refused in main.check_models)."""
+    if args.eval or not args.cosub:
+        return
+    if args.distillation_type != 'none' or args.dist_head_on_labels:
+        flag = '--dist-head-on-labels' if args.dist_head_on_labels else f'--distillation-type {args.distillation_type}'
+        raise ValueError(f'--cosub trains two sub-models of one model on each other\'s predictions, without teacher '
+                         f'or second head, and {flag} needs them: give one of the two')
+    if args.drop_path <= 0 or not args.train_mode:
+        raise ValueError('--cosub draws its two sub-models by stochastic depth: give a --drop-path above 0 (DeiT '
+                         'III\'s recipes use 0.05 to 0.6), in training mode (no --no-train-mode)')
+
+
 def build_criterion(args: argparse.Namespace, model: nn.Module, nb_classes: int, device: torch.device
-                    ) -> DistillationLoss:
+                    ) -> Union[DistillationLoss, CosubLoss]:
     """The training loss of ``model`` (unwrapped): the base criterion, with the teacher of --distillation-type
-    soft / hard, or with the distillation head on the labels (--dist-head-on-labels).
+    soft / hard, or with the distillation head on the labels (--dist-head-on-labels); or the cosub loss (--cosub).
 
     A distilled model trained with --distillation-type none leaves its distillation head as initialised or loaded,
     as the original does (e.g. when finetuning a distilled model); a line says so when evaluation still reads it.
@@ -172,6 +201,12 @@ def build_criterion(args: argparse.Namespace, model: nn.Module, nb_classes: int,
               f'weights and is still {"averaged in" if args.eval_head == "avg" else "used"} at evaluation '
               f'(--eval-head {args.eval_head}); use --eval-head cls, or train it on the labels with '
               '--dist-head-on-labels')
+    if args.cosub:
+        # The original's label terms: binary cross-entropy on the mixed targets, binarised with --bce-loss
+        # (targets.gt(0.0)); class indices (no mixup, where the original crashed) are one-hot encoded with
+        # label smoothing, as Mixup would encode them.
+        binarise = args.bce_loss and mixup_active(args)
+        return CosubLoss(BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=0.0 if binarise else None))
     teacher = build_teacher(args, nb_classes, device) if args.distillation_type != 'none' else None
     return DistillationLoss(base_criterion(args), teacher, args.distillation_type, args.distillation_alpha,
                             args.distillation_tau, dist_head_on_labels=args.dist_head_on_labels)

@@ -28,11 +28,6 @@ SCHEDULE_FLAGS = {k: f'--{k.replace("_", "-")}' for k in (
 SCHEDULE_FLAGS.update(world_size='processes', actual_lr='actual lr')
 
 
-def weights_of(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """The model weights of an official file ({'model': ...}), a checkpoint of this codebase, or a bare state_dict."""
-    return checkpoint['model'] if 'model' in checkpoint else checkpoint
-
-
 def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str, strict: bool = True,
                  flag: str = '--model') -> Any:
     """model.load_state_dict, with its error (missing keys, shape mismatches) as one line naming ``source``
@@ -52,7 +47,7 @@ def load_finetune(model: nn.Module, path: str) -> None:
     ``pos_embed`` is resized to the model's grid (models.interpolate_pos_embed), and the keys left
     missing or unexpected are printed.
     """
-    state_dict = dict(weights_of(utils.load_checkpoint(path)))
+    state_dict = dict(utils.weights_of(utils.load_checkpoint(path)))
     own = model.state_dict()
     classifier = getattr(model, 'pretrained_cfg', {}).get('classifier', 'head')
     prefixes = tuple(f'{c}.' for c in ((classifier,) if isinstance(classifier, str) else classifier))
@@ -81,7 +76,7 @@ def restore(path: str, model: nn.Module, model_ema: Optional[ModelEmaV3], **trai
         state and 'args' (a dict; a Namespace in the original's checkpoints; None when absent).
     """
     checkpoint = utils.load_checkpoint(path)
-    load_weights(model, weights_of(checkpoint), f'--resume {path}')
+    load_weights(model, utils.weights_of(checkpoint), f'--resume {path}')
     result: Dict[str, Any] = {'ema_loaded': 'model_ema' in checkpoint}
     if model_ema is not None:
         if 'model_ema' in checkpoint:

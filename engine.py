@@ -4,7 +4,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -15,7 +15,7 @@ from torch.utils.data import DistributedSampler
 
 import models
 import utils
-from losses import DistillationLoss
+from losses import CosubLoss, DistillationLoss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -151,6 +151,15 @@ def _gradient_sync(model: nn.Module, sync: bool):
     return nullcontext() if sync or no_sync is None else no_sync()
 
 
+def _batch_loss(model: nn.Module, criterion: Union[DistillationLoss, CosubLoss], samples: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+    """The loss of one (mixed) batch. For cosub the model runs once on the batch twice over, as the original: drop
+    path draws its masks per image, so the two copies of an image go through two different sub-models."""
+    if isinstance(criterion, CosubLoss):
+        samples = torch.cat((samples, samples))  # [2B, 3, H, W]
+    return criterion(samples, model(samples), targets)
+
+
 def _log_train(log_writer: Optional[Any], global_step: int, print_freq: int, loss: float,
                optimizer: torch.optim.Optimizer) -> None:
     """TensorBoard's train/loss and train/lr at every ``print_freq``-th optimizer step of the run."""
@@ -159,7 +168,7 @@ def _log_train(log_writer: Optional[Any], global_step: int, print_freq: int, los
         log_writer.add_scalar('train/lr', optimizer.param_groups[0]['lr'], global_step)
 
 
-def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: Iterable,
+def train_one_epoch(model: nn.Module, criterion: Union[DistillationLoss, CosubLoss], data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     scaler: Optional[torch.amp.GradScaler], amp_dtype: Optional[torch.dtype],
                     max_norm: float = 0.0, model_ema: Optional[nn.Module] = None, mixup_fn: Optional[Mixup] = None,
@@ -169,7 +178,8 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: 
     """Train ``model`` for one pass over ``data_loader``, one optimizer step every ``accum_iter`` batches.
 
     Args:
-        criterion: called as ``criterion(samples, outputs, targets)``, on the mixed samples.
+        criterion: called as ``criterion(samples, outputs, targets)``, on the mixed samples; a CosubLoss gets the
+            samples twice over and their outputs (see _batch_loss).
         scaler: a GradScaler, enabled for fp16 only; None is the same as a disabled one.
         amp_dtype: None (full precision), torch.float16 or torch.bfloat16.
         max_norm: clip the gradient norm to this value (after unscaling); 0 disables clipping.
@@ -212,8 +222,7 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: 
             samples, targets = mixup_fn(samples, targets)
         with _gradient_sync(model, last_of_step):
             with autocast:
-                outputs = model(samples)
-                loss = criterion(samples, outputs, targets)
+                loss = _batch_loss(model, criterion, samples, targets)
             loss_value = _test_hooks(epoch, step, loss.item(), stop_requested)
             # Every batch is checked (one collective each, on every process); a stop is taken only before the
             # first batch of an optimizer step, so that it lands between two steps.

@@ -1,4 +1,5 @@
-"""The distillation loss of DeiT (Touvron et al., 2020, section 4; equations 7.1 and 7.2 of the seed)."""
+"""The distillation loss of DeiT (Touvron et al., 2020, section 4; equations 7.1 and 7.2 of the seed), and the
+co-training loss of cosub (Touvron et al., 2022, "Co-training 2L Submodels for Visual Recognition")."""
 from typing import Optional, Tuple, Union
 
 import torch
@@ -110,3 +111,39 @@ class DistillationLoss(nn.Module):
             distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
 
         return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
+
+
+class CosubLoss(nn.Module):
+    """The original's --cosub loss (its engine.py): two sub-models, drawn by stochastic depth, each supervised by the
+    labels and by the other's predictions.
+
+    The model runs once on the batch twice over (train_one_epoch concatenates it to itself): drop path draws its
+    own mask per image, so each half meets the other sub-models. With ``o1`` and ``o2`` the logits of the two
+    halves and ``bce`` the binary cross-entropy with logits, averaged over images and classes::
+
+        loss = 0.25 * (label_criterion(o1, y) + label_criterion(o2, y)
+                       + bce(o1, sigmoid(o2).detach()) + bce(o2, sigmoid(o1).detach()))
+
+    Args:
+        label_criterion: the binary cross-entropy of the label terms, with the original's handling of the labels
+            (timm's BinaryCrossEntropy: class indices one-hot encoded, mixed targets binarised under --bce-loss).
+    """
+
+    def __init__(self, label_criterion: nn.Module) -> None:
+        super().__init__()
+        self.label_criterion = label_criterion
+
+    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss of one batch.
+
+        Args:
+            inputs: [2B, 3, H, W], the batch twice over; unused, the argument of DistillationLoss's signature.
+            outputs: [2B, C] logits, the first B of the first sub-model, the last B of the second.
+            labels: [B] class indices or [B, C] (mixed) soft labels of the batch, once.
+        """
+        first, second = outputs.chunk(2)
+        label_terms = self.label_criterion(first, labels) + self.label_criterion(second, labels)
+        # Each sub-model learns the other's probabilities, which are targets here, not paths for gradients.
+        peer_terms = (F.binary_cross_entropy_with_logits(first, second.detach().sigmoid())
+                      + F.binary_cross_entropy_with_logits(second, first.detach().sigmoid()))
+        return 0.25 * (label_terms + peer_terms)

@@ -19,7 +19,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,24 @@ SCHEDULERS = CYCLIC_SCHEDULERS + ('step', 'constant', 'plateau')
 EXIT_FAILED, EXIT_USER_ERROR, EXIT_STOPPED = 1, 2, 3
 # What main() reports in one line: mistakes in flags, files, data or checkpoints (CheckpointError is a ValueError).
 USER_ERRORS = (ValueError, FileNotFoundError, CorruptImageError)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse's parser, whose error for an unknown argument that glues two known flags together names them (the
+    typo `--repeated-aug--bce-loss` of the original's README_revenge.md) instead of 'unrecognized arguments'."""
+
+    def parse_args(self, args: Optional[Sequence[str]] = None,
+                   namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
+        parsed, unknown = self.parse_known_args(args, namespace)
+        flags = self._option_string_actions  # every spelling of every flag; argparse has no public accessor
+        for arg in unknown:
+            for i in range(2, len(arg) - 1):
+                first, second = arg[:i], arg[i:]
+                if first in flags and second.startswith('-') and second.split('=', 1)[0] in flags:
+                    self.error(f'{arg} glues two flags together: write {first} {second}')
+        if unknown:
+            self.error(f'unrecognized arguments: {" ".join(unknown)}')
+        return parsed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -197,8 +215,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--distillation-tau', default=1.0, type=float,
                        help='temperature of soft distillation (default: %(default)s)')
     group.add_argument('--cosub', action='store_true',
-                       help='not supported: DeiT III\'s cosub training (the original\'s flag) and its models_v2 '
-                            'models are not part of this codebase yet')
+                       help='cosub (co-training 2L submodels): each batch runs twice through the model, stochastic '
+                            'depth drawing two sub-models, each trained on the labels and on the other\'s '
+                            'predictions with binary cross-entropy, as the original; needs --drop-path > 0, no '
+                            'distillation (default: off)')
     group.add_argument('--dist-head-on-labels', action='store_true',
                        help='the control of the paper\'s section 5: no teacher, the distillation head of a '
                             '*_distilled_* model trained on the labels like the class head (a second class token), '
@@ -300,9 +320,7 @@ def check_args(args: argparse.Namespace) -> None:
         tensorboard_log.check_available()
     if args.resplit:
         raise ValueError('--resplit applies to AugMix augmentation splits, which DeiT does not use; drop the flag')
-    if args.cosub:
-        raise ValueError('--cosub is DeiT III\'s cosub training, and DeiT III (its models_v2 models and --cosub) is '
-                         'not part of this codebase yet: drop the flag')
+    builders.check_cosub(args)
     if args.cooldown_epochs and args.sched not in CYCLIC_SCHEDULERS:
         raise ValueError(f'--cooldown-epochs extends the {", ".join(CYCLIC_SCHEDULERS)} schedules, not --sched '
                          f'{args.sched}')
@@ -326,8 +344,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_models(args: argparse.Namespace) -> None:
-    """Refuse an unknown --model or --teacher-model, an --input-size that the patches do not tile, or
-    distillation into a model without distillation token.
+    """Refuse an unknown --model or --teacher-model, an --input-size below the patch size, distillation into a model
+    without distillation token or --cosub with one; say when the patches do not tile --input-size.
 
     The models are built on the meta device: no memory, no weights, a fraction of a second, before any data.
     """
@@ -339,11 +357,20 @@ def check_models(args: argparse.Namespace) -> None:
                 model = builders.create_model(name, args.input_size, num_classes=args.nb_classes or 1000)
         except ValueError as e:
             raise ValueError(f'{flag}: {e}') from None
-        patch_size = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
-        if patch_size and any(args.input_size % p for p in patch_size):
-            p = patch_size[0]
-            raise ValueError(f'--input-size {args.input_size} is not a multiple of the patch size {p} of {flag} '
-                             f'{name}: use a multiple of it, e.g. {max(p, round(args.input_size / p) * p)}')
+        patch_size = getattr(getattr(model, 'patch_embed', None), 'patch_size', (1,))[0]
+        if args.input_size < patch_size:
+            raise ValueError(f'--input-size {args.input_size} is smaller than the patch size {patch_size} of {flag} '
+                             f'{name}: use at least {patch_size}')
+        if args.input_size % patch_size:
+            # As the original and timm: the patch convolution's stride leaves the remainder out (DeiT III-H, patch 14,
+            # trains at 160 and 128 in its README's commands).
+            seen = args.input_size // patch_size * patch_size
+            print(f'Note: --input-size {args.input_size} is not a multiple of the patch size {patch_size} of {flag} '
+                  f'{name}: its patches cover {seen} pixels, the last {args.input_size - seen} rows and columns of '
+                  'each image are not seen')
+        if flag == '--model' and args.cosub and not args.eval and isinstance(model, models.DistilledVisionTransformer):
+            raise ValueError(f'--cosub trains a model with one head, and --model {name} has two: use a model without '
+                             f'distillation token (e.g. {name.replace("_distilled", "")})')
         if flag == '--model' and distilling and not isinstance(model, models.DistilledVisionTransformer):
             raise ValueError(f'--distillation-type {args.distillation_type} trains the distillation token, and '
                              f'--model {name} has none: use a *_distilled_* model (e.g. '
@@ -553,7 +580,7 @@ def cli(argv: Optional[List[str]] = None) -> None:
     User errors and a diverged run end with one line on stderr (the traceback with --debug); any other
     exception keeps its traceback.
     """
-    parser = argparse.ArgumentParser('DeiT training and evaluation script', parents=[get_args_parser()])
+    parser = FlagParser('DeiT training and evaluation script', parents=[get_args_parser()])
     args = parser.parse_args(argv)
     try:
         main(args)

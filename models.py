@@ -3,9 +3,13 @@
 The plain models are ``DeiT``: timm's ``VisionTransformer`` with the initialisation and weight decay
 of timm 0.3.2, which trained the paper's models; the distilled ones add the distillation token of
 the paper (Touvron et al., 2020, section 4) on top of it. After ``import models``,
-``timm.create_model(name)`` builds these models for the eight DeiT names; every other name (the
-convnet teachers, e.g. ``regnety_160``) still comes from timm unchanged.
+``timm.create_model(name)`` builds these models for the eight DeiT names, and the original's later
+families for theirs (DeiT III in models_v2.py, CaiT in cait_models.py, ResMLP in resmlp_models.py,
+imported here so that one import registers every model); every other name (the convnet teachers,
+e.g. ``regnety_160``) still comes from timm unchanged.
 """
+import difflib
+import math
 import warnings
 from functools import partial
 from typing import Any, Dict, Optional, Set, Tuple, Union
@@ -19,11 +23,14 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
+import cait_models
+import models_v2
+import resmlp_models
 import utils
 
 __all__ = [
-    'DEIT_MODELS', 'MODEL_URLS', 'TEACHER_URLS', 'DeiT', 'DistilledVisionTransformer', 'build_model',
-    'set_eval_head', 'interpolate_pos_embed',
+    'DEIT_MODELS', 'MODEL_FAMILIES', 'MODEL_URLS', 'PATCHCONVNET_MODELS', 'TEACHER_URLS', 'DeiT',
+    'DistilledVisionTransformer', 'build_model', 'set_eval_head', 'interpolate_pos_embed',
 ]
 
 _BASE_URL = 'https://dl.fbaipublicfiles.com/deit/'
@@ -40,6 +47,11 @@ MODEL_URLS: Dict[str, str] = {
 DEIT_MODELS: Tuple[str, ...] = tuple(MODEL_URLS)
 # The paper's teacher (Table 2); the model itself comes from timm's registry.
 TEACHER_URLS: Dict[str, str] = {'regnety_160': _BASE_URL + 'regnety_160-a5fe301d.pth'}
+# Every model of this codebase, by family; importing this module registers them all in timm's registry.
+MODEL_FAMILIES: Dict[str, Tuple[str, ...]] = {
+    'DeiT': DEIT_MODELS, 'DeiT III': models_v2.MODELS, 'CaiT': cait_models.MODELS, 'ResMLP': resmlp_models.MODELS}
+# The original's patchconvnet_models.py, which stays out: build_model refuses these names.
+PATCHCONVNET_MODELS: Tuple[str, ...] = ('S60', 'S120', 'B60', 'B120', 'L60', 'L120', 'S60_multi')
 
 EVAL_HEADS = ('avg', 'cls', 'dist')
 
@@ -179,7 +191,8 @@ def interpolate_pos_embed(model: nn.Module, state_dict: Dict[str, torch.Tensor])
 
     The patch part is resized bicubically as a 2-D grid; the extra tokens (class, distillation)
     are kept unchanged. How many extra tokens the checkpoint holds is read from the checkpoint
-    itself: its token count minus the largest square number of patches that fits.
+    itself: its token count minus the largest square number of patches that fits (none for the
+    DeiT III and CaiT models, whose position embedding covers the patches only).
     """
     if 'pos_embed' not in state_dict:
         return
@@ -187,7 +200,7 @@ def interpolate_pos_embed(model: nn.Module, state_dict: Dict[str, torch.Tensor])
     model = _unwrap(model)
     new_grid = model.patch_embed.grid_size
     num_tokens = pos_embed.shape[1]
-    old_side = int((num_tokens - 1) ** 0.5)  # at least one extra token (the class token)
+    old_side = math.isqrt(num_tokens)
     num_extra = num_tokens - old_side * old_side
     if (old_side, old_side) == tuple(new_grid) and num_tokens == model.pos_embed.shape[1]:
         return
@@ -197,22 +210,6 @@ def interpolate_pos_embed(model: nn.Module, state_dict: Dict[str, torch.Tensor])
     grid = F.interpolate(grid.float(), size=tuple(new_grid), mode='bicubic', align_corners=False)
     grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)  # [1, H'*W', D]
     state_dict['pos_embed'] = torch.cat((extra, grid), dim=1)
-
-
-def _load_pretrained(model: nn.Module, name: str) -> None:
-    """Load the official weights through torch.hub's cache (``$TORCH_HOME/hub/checkpoints``)."""
-    # weights_only=True, and one clear line for a file that cannot be downloaded, is truncated or is refused.
-    checkpoint = utils.load_checkpoint(MODEL_URLS[name])
-    state_dict = checkpoint['model']
-    interpolate_pos_embed(model, state_dict)
-    dropped = []
-    for key in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
-        if key in state_dict and key in model.state_dict() and state_dict[key].shape != model.state_dict()[key].shape:
-            dropped.append(state_dict.pop(key))
-    missing, unexpected = model.load_state_dict(state_dict, strict=not dropped)
-    # With a new number of classes only the freshly initialised heads may be missing.
-    if unexpected or any(not k.startswith(('head.', 'head_dist.')) for k in missing):
-        raise RuntimeError(f'{name}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})')
 
 
 def _create_deit(name: str, pretrained: bool = False, distilled: bool = False, **kwargs: Any) -> DeiT:
@@ -235,7 +232,8 @@ def _create_deit(name: str, pretrained: bool = False, distilled: bool = False, *
         crop_pct=0.875, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         first_conv='patch_embed.proj', classifier=('head', 'head_dist') if distilled else 'head')
     if pretrained:
-        _load_pretrained(model, name)
+        # Another image size: the position embedding is resized; another class count: fresh heads.
+        utils.load_pretrained(model, MODEL_URLS[name], adapt=interpolate_pos_embed)
     return model
 
 
@@ -301,10 +299,17 @@ def deit_base_distilled_patch16_384(pretrained: bool = False, **kwargs: Any) -> 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with a clear error for an unknown name.
 
-    The eight DeiT names build this module's models; any other timm name (a teacher such as
-    ``regnety_160``) builds timm's model.
+    The names of MODEL_FAMILIES build this codebase's models; any other timm name (a teacher such as
+    ``regnety_160``) builds timm's model. The original's PatchConvNet names are refused.
     """
+    if name in PATCHCONVNET_MODELS:
+        raise ValueError(f'PatchConvNet ({name}) is not part of this codebase: timm has no reference implementation '
+                         'to check it against')
     if not timm.is_model(name):
-        raise ValueError(f"Unknown model '{name}'. DeiT models: {', '.join(DEIT_MODELS)}; "
-                         "any other timm model name also works (see timm.list_models()).")
+        # Matched in any case: cait_xxs24 finds cait_XXS24.
+        ours = {model.lower(): model for names in MODEL_FAMILIES.values() for model in names}
+        close = difflib.get_close_matches(name.lower(), ours, n=1)
+        families = '; '.join(f"{family} models: {', '.join(names)}" for family, names in MODEL_FAMILIES.items())
+        raise ValueError(f"Unknown model '{name}'{f' (did you mean {ours[close[0]]}?)' if close else ''}. "
+                         f"{families}; any other timm model name also works (see timm.list_models()).")
     return timm.create_model(name, **kwargs)

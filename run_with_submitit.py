@@ -33,7 +33,7 @@ CODE_DIR = Path(__file__).resolve().parent
 
 def get_args_parser(cluster: str = 'slurm') -> argparse.ArgumentParser:
     """main.py's flags and the job's; the defaults of --ngpus, --nodes and --device depend on ``cluster``."""
-    parser = argparse.ArgumentParser('Submitit launcher for DeiT', parents=[deit_main.get_args_parser()])
+    parser = deit_main.FlagParser('Submitit launcher for DeiT', parents=[deit_main.get_args_parser()])
     if cluster == 'slurm':
         # Jobs are submitted from login nodes, which often have no GPU: main.py's default (cpu there)
         # would ask the compute nodes for CPU training.
@@ -45,8 +45,9 @@ def get_args_parser(cluster: str = 'slurm') -> argparse.ArgumentParser:
                             'local executor (same tasks, signals and requeue) and waits for it; debug runs one '
                             'process inside this one, with pdb on error (default: %(default)s)')
     local_gpus = torch.cuda.device_count() or 1
-    group.add_argument('--ngpus', default={'slurm': 8, 'local': local_gpus}.get(cluster, 1), type=int,
-                       help='GPUs per node, one training process each; with --device cpu, processes per node '
+    group.add_argument('--ngpus', '--gpu', default={'slurm': 8, 'local': local_gpus}.get(cluster, 1), type=int,
+                       help='GPUs per node (--gpu: the spelling of DeiT III\'s commands), one training process '
+                            'each; with --device cpu, processes per node '
                             '(default: %(default)s; 8 on Slurm, the GPUs of this machine or 1 with --cluster local)')
     group.add_argument('--nodes', default=2 if cluster == 'slurm' else 1, type=int,
                        help='number of nodes (default: %(default)s; 2 on Slurm, 1 otherwise)')

@@ -10,10 +10,11 @@ import urllib.error
 import urllib.parse
 import warnings
 from collections import defaultdict, deque
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 # ============ distributed ============
 
@@ -312,3 +313,35 @@ def load_checkpoint(path_or_url: str) -> Dict[str, Any]:
         reason = found[1] if found else message.strip().split('. ')[0]
         raise CheckpointError(f'checkpoint {path_or_url} is truncated or not a torch checkpoint '
                               f'({type(e).__name__}: {reason}): give a complete checkpoint file') from None
+
+
+def weights_of(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The model weights in a checkpoint: its 'model' entry (official DeiT, DeiT III and CaiT files, this codebase's
+    checkpoints) or the checkpoint itself (a bare state_dict, as the official ResMLP files), without the
+    'module.' prefix of a model saved from inside DistributedDataParallel (the official CaiT files keep it)."""
+    weights = checkpoint['model'] if 'model' in checkpoint else checkpoint
+    if weights and all(key.startswith('module.') for key in weights):
+        weights = {key[len('module.'):]: value for key, value in weights.items()}
+    return weights
+
+
+def load_pretrained(model: nn.Module, url: str,
+                    adapt: Optional[Callable[[nn.Module, Dict[str, torch.Tensor]], None]] = None) -> None:
+    """Load the official weights at ``url`` into ``model``, through torch.hub's cache (``load_checkpoint``).
+
+    Strict, except for the classifier: a head ('head', 'head_dist') whose shape differs from the model's (another
+    number of classes) keeps its fresh initialisation. ``adapt(model, state_dict)``, when given, changes the
+    weights in place first (e.g. resizes the position embedding to the model's image size).
+    """
+    state_dict = dict(weights_of(load_checkpoint(url)))
+    if adapt is not None:
+        adapt(model, state_dict)
+    own = model.state_dict()
+    dropped = [key for key in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias')
+               if key in state_dict and key in own and state_dict[key].shape != own[key].shape]
+    for key in dropped:
+        del state_dict[key]
+    missing, unexpected = model.load_state_dict(state_dict, strict=not dropped)
+    if unexpected or set(missing) != set(dropped):
+        raise RuntimeError(f'{url} does not fit {type(model).__name__} (missing {sorted(set(missing) - set(dropped))}, '
+                           f'unexpected {unexpected})')

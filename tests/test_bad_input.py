@@ -66,7 +66,10 @@ CASES = {
     'empty class folders': (lambda d, out: folder(d.empty), 'without any image'),
     'train/val class mismatch': (lambda d, out: folder(d.mismatch), 'both splits need the same class folders'),
     'unknown --model': (lambda d, out: folder(d.images, '--model', 'deit_tiniest_patch16_224'),
-                        "Unknown model 'deit_tiniest_patch16_224'. DeiT models: deit_tiny_patch16_224"),
+                        "Unknown model 'deit_tiniest_patch16_224' (did you mean deit_tiny_patch16_224?). DeiT models: "
+                        "deit_tiny_patch16_224"),
+    'PatchConvNet --model': (lambda d, out: folder(d.images, '--model', 'S60'),
+                             'PatchConvNet (S60) is not part of this codebase: timm has no reference implementation'),
     'unknown --teacher-model': (lambda d, out: folder(d.images, *DISTILLED, '--teacher-model', 'regnety_999',
                                                  '--teacher-path', str(d.checkpoint)),
                                 "--teacher-model: Unknown model 'regnety_999'"),
@@ -87,8 +90,8 @@ CASES = {
                                                       str(d.checkpoint)), 'check --model, --input-size'),
     'finetune URL unreachable offline': (lambda d, out: folder(d.images, '--finetune', UNREACHABLE),
                                          'copy deit_tiny_patch16_224-a1311bcf.pth into'),
-    '--input-size not divisible by the patch size': (lambda d, out: folder(d.images, '--input-size', '40'),
-                                                     'not a multiple of the patch size 16'),
+    '--input-size below the patch size': (lambda d, out: folder(d.images, '--input-size', '8'),
+                                          'is smaller than the patch size 16'),
     'batch size 0': (lambda d, out: folder(d.images, '--batch-size', '0'),
                      '--batch-size, --epochs and --accum-iter must be positive'),
     'batch size < 0': (lambda d, out: folder(d.images, '--batch-size', '-8'),
@@ -101,8 +104,8 @@ CASES = {
                             'missing.pth: no such file'),
     '--resplit (an AugMix option)': (lambda d, out: folder(d.images, '--resplit', '--epochs', '1'),
                                      '--resplit applies to AugMix'),
-    '--cosub (DeiT III)': (lambda d, out: folder(d.images, '--cosub', '--epochs', '1'),
-                           'DeiT III (its models_v2 models and --cosub) is not part of this codebase yet'),
+    '--cosub without stochastic depth': (lambda d, out: folder(d.images, '--cosub', '--drop-path', '0'),
+                                         '--cosub draws its two sub-models by stochastic depth'),
 }
 
 
@@ -141,15 +144,15 @@ def test_checks_come_before_the_output_dir_is_created(data, tmp_path, capsys):
 
 @pytest.mark.parametrize('debug', [False, True])
 def test_python_main_py_prints_one_line_or_with_debug_the_traceback(debug, data):
-    argv = folder(data.images, '--input-size', '40', *(['--debug'] if debug else []))
+    argv = folder(data.images, '--input-size', '8', *(['--debug'] if debug else []))
     proc = subprocess.run([sys.executable, str(ROOT / 'main.py'), *argv], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120)
     if debug:
         assert proc.returncode == 1 and 'Traceback (most recent call last)' in proc.stderr
-        assert proc.stderr.rstrip().splitlines()[-1].startswith('ValueError: --input-size 40 is not a multiple')
+        assert proc.stderr.rstrip().splitlines()[-1].startswith('ValueError: --input-size 8 is smaller than the')
     else:
         assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and 'Traceback' not in proc.stderr
-        assert 'error: --input-size 40 is not a multiple of the patch size 16' in proc.stderr
+        assert 'error: --input-size 8 is smaller than the patch size 16' in proc.stderr
 
 
 def test_an_error_in_a_data_loader_worker_does_not_hang_the_exit(data):

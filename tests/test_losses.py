@@ -214,3 +214,51 @@ def test_dist_head_on_labels_needs_a_distillation_head(batch):
     criterion = DistillationLoss(nn.CrossEntropyLoss(), None, 'none', 0.5, 1.0, dist_head_on_labels=True)
     with pytest.raises(ValueError, match=r'--dist-head-on-labels needs a model with a distillation head'):
         criterion(inputs, cls_logits, labels)
+
+
+# ============ cosub ============
+
+def bce_by_hand(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with logits, averaged over images and classes: -mean(t log s + (1 - t) log(1 - s))."""
+    s = 1 / (1 + torch.exp(-logits.double()))
+    t = targets.double()
+    return -(t * torch.log(s) + (1 - t) * torch.log(1 - s)).mean()
+
+
+def cosub_criterion(*flags: str) -> nn.Module:
+    """The training loss main.py builds for these flags and --cosub."""
+    import builders
+    import main
+    args = main.get_args_parser().parse_args(['--cosub', *flags])
+    return builders.build_criterion(args, nn.Identity(), C, torch.device('cpu'))
+
+
+# Label kinds -> (flags, labels as the loop gives them, targets the original's label terms see), by hand.
+def cosub_labels(kind: str, labels: torch.Tensor):
+    onehot = torch.eye(C, dtype=torch.float64)[labels]
+    mixed = 0.7 * onehot + 0.3 * onehot.flip(0)  # mixup of the batch with itself reversed, lambda 0.7
+    smoothed = 0.9 * mixed + 0.1 / C  # and smoothing 0.1, both done upstream by timm's Mixup
+    if kind == 'mixed':  # without --bce-loss the soft targets go to the loss as they are
+        return ['--smoothing', '0.1'], smoothed.float(), smoothed
+    if kind == 'binarised':  # --bce-loss: every class in the mix is a positive (targets.gt(0.0))
+        return ['--bce-loss', '--smoothing', '0'], mixed.float(), (mixed > 0).double()
+    # no mixup: class indices, one-hot encoded with smoothing 0.1 (the original crashed on them)
+    return ['--mixup', '0', '--cutmix', '0', '--smoothing', '0.1'], labels, onehot * 0.9 + 0.1 / C
+
+
+@pytest.mark.parametrize('kind', ['mixed', 'binarised', 'indices'])
+def test_cosub_is_the_originals_four_terms(batch, kind):
+    """0.25 each: both halves on the labels, each half on the other's detached sigmoid; and the gradient of each
+    half is 0.25 * ((s_i - y) + (s_i - s_j)) / (B * C), the other half's probabilities held fixed."""
+    _, cls_logits, dist_logits, labels, _ = batch
+    flags, loop_labels, y = cosub_labels(kind, labels)
+    outputs = torch.cat((cls_logits, dist_logits)).requires_grad_(True)  # the two halves of the doubled batch
+    loss = cosub_criterion(*flags)(torch.zeros(2 * B, D), outputs, loop_labels)
+    loss.backward()
+
+    o1, o2 = cls_logits.double(), dist_logits.double()
+    s1, s2 = torch.sigmoid(o1), torch.sigmoid(o2)
+    expected = 0.25 * (bce_by_hand(o1, y) + bce_by_hand(o2, y) + bce_by_hand(o1, s2) + bce_by_hand(o2, s1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    by_hand = 0.25 * torch.cat(((s1 - y) + (s1 - s2), (s2 - y) + (s2 - s1))) / (B * C)
+    torch.testing.assert_close(outputs.grad.double(), by_hand, rtol=1e-5, atol=1e-8)
