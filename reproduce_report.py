@@ -588,4 +588,6 @@ def write_probe(out: Path, made: Dict[str, Any], probe: Dict[str, Any]) -> None:
         means = ', '.join(f'{e} epochs: {m:.1f}' for e, m in choice['means'].items())
         lines.append(f'- {kind} ({probe["models"][kind]}): mean probe top-1 {means} -> **{choice["epochs"]} epochs**'
                      + ('' if choice['converged'] else ' (convergence not shown: the longest length probed)'))
+    if probe['convnet_teacher']:
+        lines += ['', f'The convnet teacher, {probe["teacher_rule"]}: **{probe["convnet_teacher"]}**.']
     (out / 'report.md').write_text('\n'.join(lines) + '\n')

@@ -50,6 +50,15 @@ def test_probe_rule_picks_the_shortest_length_whose_doubling_gains_under_a_point
     assert (choice['epochs'], choice['converged']) == (epochs, converged)
 
 
+def test_teacher_rule_picks_the_candidate_closest_to_the_student():
+    choices = {'student': {'epochs': 200, 'means': {100: 80.0, 200: 84.0}},
+               'regnety_002': {'epochs': 400, 'means': {400: 70.0}}, 'resnet18': {'epochs': 100, 'means': {100: 86.5}},
+               'convnext_atto': {'epochs': 200, 'means': {200: 81.5}}}  # 2.5 from the student's 84.0, as resnet18
+    assert reproduce.choose_teacher(choices) == 'resnet18'  # the first of the candidates on a tie
+    choices['convnext_atto']['means'][200] = 81.6
+    assert reproduce.choose_teacher(choices) == 'convnext_atto'
+
+
 def run_record(curve, final=80.0):
     return {'curve': curve, 'final': {'avg': final}}
 
@@ -208,9 +217,10 @@ def committed(name: str) -> dict:
 def test_the_probe_chose_the_lengths_the_grid_uses():
     probe = committed('probe')
     setting = reproduce.SETTINGS['default']
+    assert probe['rule'] == reproduce.PROBE_RULE and probe['teacher_rule'] == reproduce.TEACHER_RULE
     assert probe['choices']['student']['epochs'] == setting.student_epochs
-    assert probe['choices']['convnet']['epochs'] == setting.convnet_epochs
-    assert probe['rule'] == reproduce.PROBE_RULE
+    assert probe['convnet_teacher'] == reproduce.TEACHER_MODELS['convnet']
+    assert probe['choices'][probe['convnet_teacher']]['epochs'] == setting.convnet_epochs
 
 
 @pytest.mark.parametrize('name', ['reproduce_default', 'reproduce_sweep'])
