@@ -392,10 +392,28 @@ def _model(args: argparse.Namespace, path: str, nb_classes: Optional[int], name:
     return load_model(path, name or args.model, args.input_size, nb_classes, args.ema)
 
 
+def _distilled_model(args: argparse.Namespace, analysis: str) -> nn.Module:
+    """The model of the checkpoint, refused before any data is read when it has no distillation token. Its classes
+    are --nb-classes, else its checkpoint's."""
+    model = _model(args, args.checkpoint, args.nb_classes)
+    _require_distilled(model, analysis)
+    return model
+
+
+def _check_classes(model: nn.Module, nb_classes: int, args: argparse.Namespace) -> None:
+    """Refuse a classifier of another number of classes than the data's (--nb-classes, else the dataset's)."""
+    if model.num_classes != nb_classes:
+        more = model.num_classes > nb_classes
+        hint = f', or --nb-classes {model.num_classes} to evaluate it on these images' if more else ''
+        raise ValueError(f'{args.checkpoint} classifies {model.num_classes} classes and --data-set {args.data_set} has '
+                         f'{nb_classes}: give a checkpoint trained on this dataset{hint}')
+
+
 def run_heads(args: argparse.Namespace) -> None:
     device = _setup(args, args.checkpoint)
+    model = _distilled_model(args, 'heads')
     loader, nb_classes = build_loader(args, device)
-    model = _model(args, args.checkpoint, nb_classes)
+    _check_classes(model, nb_classes, args)
     figures = head_accuracies(model, loader, device, builders.amp_dtype_of(args.precision, device))
     print(f'{len(loader.dataset)} images of --data-set {args.data_set}, {"EMA " if args.ema else ""}weights of '
           f'{args.checkpoint}')
@@ -405,8 +423,9 @@ def run_heads(args: argparse.Namespace) -> None:
 
 def run_tokens(args: argparse.Namespace) -> None:
     device = _setup(args, args.checkpoint)
+    model = _distilled_model(args, 'tokens')
     loader, nb_classes = build_loader(args, device)
-    model = _model(args, args.checkpoint, nb_classes)
+    _check_classes(model, nb_classes, args)
     figures = token_cosines(model, loader, device, builders.amp_dtype_of(args.precision, device))
     print(f'cos(class token, distillation token) over {len(loader.dataset)} images (paper: 0.06 for the learned '
           'tokens, 0.93 after the last block)')

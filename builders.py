@@ -9,12 +9,15 @@ import random
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
+import timm.layers
 import torch
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import get_pretrained_cfg
 from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import PlateauLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 import models
@@ -68,6 +71,15 @@ def create_model(name: str, input_size: int, **kwargs: Any) -> nn.Module:
     if name in models.DEIT_MODELS or (cfg is not None and cfg.fixed_input_size):
         kwargs['img_size'] = input_size
     return models.build_model(name, **kwargs)
+
+
+def skeleton_device() -> torch.device:
+    """Where to build a model only to read its structure: ``with skeleton_device(): model = ...``.
+
+    The meta device: no memory, no weights, a fraction of a second. timm < 1.0.21's ViTs read their drop-path
+    rates with ``Tensor.item()``, which a meta tensor cannot answer; with those the model is built on the CPU.
+    """
+    return torch.device('meta' if hasattr(timm.layers, 'calculate_drop_path_rates') else 'cpu')
 
 
 def build_data(args: argparse.Namespace, device: torch.device
@@ -136,6 +148,20 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.de
     return create_optimizer_v2(model, **kwargs)
 
 
+def start_schedule(lr_scheduler: Scheduler, epoch: int) -> None:
+    """Set the learning rate of ``epoch``, the first epoch this run trains: a fresh run's 0, or a resumed run's.
+
+    timm's plateau schedule is a function of the epoch during its warm-up only. After the warm-up its lr is the
+    one the optimizer holds (the scaled --lr on a fresh start, the restored, possibly decayed, lr on a resume),
+    and it is not stepped here: step(0) without warm-up would set --warmup-lr (timm counts epoch 0 <= 0 as
+    warm-up), which the plateau logic can only lower; and past the warm-up, timm < 1.0.23 hands the missing
+    metric (None) on to ReduceLROnPlateau, which fails.
+    """
+    if isinstance(lr_scheduler, PlateauLRScheduler) and (lr_scheduler.warmup_t == 0 or epoch > lr_scheduler.warmup_t):
+        return
+    lr_scheduler.step(epoch)
+
+
 def train_attention_only(model: nn.Module, name: str) -> int:
     """--attn-only: train what the original trains, the parameters with ``.attn.`` in their name, ``head`` and
     ``pos_embed``, and freeze everything else: the patch embedding, the extra tokens, the MLPs, the norms and
@@ -187,20 +213,31 @@ def check_cosub(args: argparse.Namespace) -> None:
                          'III\'s recipes use 0.05 to 0.6), in training mode (no --no-train-mode)')
 
 
+def freeze_unused_head(args: argparse.Namespace, model: nn.Module) -> None:
+    """Freeze ``head_dist`` of a distilled model that no loss trains: --distillation-type none without
+    --dist-head-on-labels (e.g. finetuning a distilled model), as the original allowed; a line says so.
+
+    Frozen, it gets no gradient by design. Trainable, it got none either, and DDP, which runs without
+    find_unused_parameters (a search of the graph at every step), failed at the second step ("Expected to have
+    finished reduction in the prior iteration"). In one process nothing changes: AdamW skips a parameter
+    without gradient (no update, no weight decay). Call it before DDP and the optimizer are built.
+    log.txt's n_parameters, the trainable parameters, leaves the frozen head out.
+    """
+    if (args.eval or args.distillation_type != 'none' or args.dist_head_on_labels
+            or not isinstance(model, models.DistilledVisionTransformer)):
+        return
+    model.head_dist.requires_grad_(False)
+    evaluation = (f' and is still {"averaged in" if args.eval_head == "avg" else "used"} at evaluation (--eval-head '
+                  f'{args.eval_head}); use --eval-head cls, or train it on the labels with --dist-head-on-labels'
+                  if args.eval_head != 'cls' else '')
+    print(f'Note: --distillation-type none: no loss trains the distillation head of {args.model}, so it is frozen: '
+          f'it keeps its initial / loaded weights{evaluation}')
+
+
 def build_criterion(args: argparse.Namespace, model: nn.Module, nb_classes: int, device: torch.device
                     ) -> Union[DistillationLoss, CosubLoss]:
     """The training loss of ``model`` (unwrapped): the base criterion, with the teacher of --distillation-type
-    soft / hard, or with the distillation head on the labels (--dist-head-on-labels); or the cosub loss (--cosub).
-
-    A distilled model trained with --distillation-type none leaves its distillation head as initialised or loaded,
-    as the original does (e.g. when finetuning a distilled model); a line says so when evaluation still reads it.
-    """
-    if (args.distillation_type == 'none' and not args.dist_head_on_labels and args.eval_head != 'cls'
-            and isinstance(model, models.DistilledVisionTransformer)):
-        print(f'Note: --distillation-type none: the distillation head of {args.model} keeps its initial / loaded '
-              f'weights and is still {"averaged in" if args.eval_head == "avg" else "used"} at evaluation '
-              f'(--eval-head {args.eval_head}); use --eval-head cls, or train it on the labels with '
-              '--dist-head-on-labels')
+    soft / hard, or with the distillation head on the labels (--dist-head-on-labels); or the cosub loss (--cosub)."""
     if args.cosub:
         # The original's label terms: binary cross-entropy on the mixed targets, binarised with --bce-loss
         # (targets.gt(0.0)); class indices (no mixup, where the original crashed) are one-hot encoded with

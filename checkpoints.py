@@ -104,9 +104,12 @@ def resume_schedule(lr_scheduler: Scheduler, optimizer: torch.optim.Optimizer, s
     --epochs: the checkpoint's schedule ended at its own --epochs and would train the added epochs at --min-lr.
     timm's train.py rebuilds its schedule from the command line likewise. timm's schedules are functions of
     the epoch: main.py evaluates this one at the resumed epoch. The flags that differ from the checkpoint's are
-    printed in one line.
+    printed in one line; for a checkpoint of the original (its lr already scaled, no actual_lr), the scaled lr
+    is compared with this run's ('actual lr').
     """
     saved = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else dict(saved_args or {})
+    if 'lr' in saved and 'actual_lr' not in saved:
+        saved = _original_schedule_args(saved)
     changed = [f'{SCHEDULE_FLAGS[k]} {saved[k]} -> {getattr(args, k)}' for k in SCHEDULE_FLAGS
                if k in saved and saved[k] != getattr(args, k)]
     if changed:
@@ -123,6 +126,15 @@ def resume_schedule(lr_scheduler: Scheduler, optimizer: torch.optim.Optimizer, s
         if plateau:  # a new lr scaling (--lr, batch, processes) applies to the decayed lr as it would have
             group['lr'] *= base / group.get('initial_lr', base)
         group['initial_lr'] = base  # the restored optimizer keeps the checkpoint's; the schedule uses this one
+
+
+def _original_schedule_args(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """The schedule flags of one of the original's checkpoints, in this codebase's terms, so that like is compared
+    with like: the original overwrote args.lr with the lr it trained at (scaled, unless --unscale-lr), which is
+    our actual_lr; and its --cooldown-epochs (10 by default) shaped nothing, as its loop ended at --epochs."""
+    saved = {k: v for k, v in saved.items() if k != 'cooldown_epochs'}
+    saved['actual_lr'] = saved.pop('lr')
+    return saved
 
 
 def training_checkpoint(epoch: int, model: nn.Module, model_ema: Optional[ModelEmaV3], args: argparse.Namespace,

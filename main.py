@@ -347,13 +347,14 @@ def check_models(args: argparse.Namespace) -> None:
     """Refuse an unknown --model or --teacher-model, an --input-size below the patch size, distillation into a model
     without distillation token or --cosub with one; say when the patches do not tile --input-size.
 
-    The models are built on the meta device: no memory, no weights, a fraction of a second, before any data.
+    The models are built on builders.skeleton_device() (the meta device: no memory, no weights, a fraction of a
+    second), before any data.
     """
     distilling = not args.eval and args.distillation_type != 'none'
     names = [('--model', args.model)] + ([('--teacher-model', args.teacher_model)] if distilling else [])
     for flag, name in names:
         try:
-            with torch.device('meta'):
+            with builders.skeleton_device():
                 model = builders.create_model(name, args.input_size, num_classes=args.nb_classes or 1000)
         except ValueError as e:
             raise ValueError(f'{flag}: {e}') from None
@@ -452,6 +453,7 @@ def main(args: argparse.Namespace) -> None:
         checkpoints.load_finetune(model, args.finetune)
     if args.attn_only:
         print(f'--attn-only: {builders.train_attention_only(model, args.model)} trainable parameters')
+    builders.freeze_unused_head(args, model)
     model.to(device)
     model_without_ddp = model
     if args.distributed:
@@ -511,7 +513,7 @@ def main(args: argparse.Namespace) -> None:
           + (f', from step {start_step} of epoch {args.start_epoch}' if start_step else ''))
     start_time = time.time()
     # Epoch e trains with the schedule's value for e (the original stepped at the end of e, one epoch late).
-    lr_scheduler.step(args.start_epoch)
+    builders.start_schedule(lr_scheduler, args.start_epoch)
     steps_per_epoch = len(loader_train) // args.accum_iter  # optimizer steps: TensorBoard's x
     log_dir = args.log_dir if utils.is_main_process() else ''
     with StopRequest() as stop, tensorboard_log.open_writer(

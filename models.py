@@ -56,6 +56,19 @@ PATCHCONVNET_MODELS: Tuple[str, ...] = ('S60', 'S120', 'B60', 'B120', 'L60', 'L1
 EVAL_HEADS = ('avg', 'cls', 'dist')
 
 
+def _cfg(name: str) -> Dict[str, Any]:
+    size = 384 if name.endswith('_384') else 224
+    return dict(url=MODEL_URLS[name], num_classes=1000, input_size=(3, size, size), fixed_input_size=True,
+                crop_pct=0.875, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                first_conv='patch_embed.proj', classifier=('head', 'head_dist') if 'distilled' in name else 'head')
+
+
+# timm's register_model registers these configurations with the names below. Re-registering a name clears the
+# configuration timm had for it, and timm's own builders of these names (timm.models.deit.deit_*, the reference
+# implementation) then logged "No pretrained configuration specified".
+default_cfgs: Dict[str, Dict[str, Any]] = {name: _cfg(name) for name in MODEL_URLS}
+
+
 class DeiT(VisionTransformer):
     """timm's ``VisionTransformer`` with the initialisation and weight decay the paper trained with.
 
@@ -71,9 +84,13 @@ class DeiT(VisionTransformer):
       'reg_token' to the set).
     """
 
-    def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
-        """timm's init, then the class token as timm 0.3.2 drew it."""
-        super().init_weights(mode, needs_reset)
+    def init_weights(self, mode: str = '', **kwargs: Any) -> None:
+        """timm's init, then the class token as timm 0.3.2 drew it.
+
+        ``kwargs`` reach timm's ``init_weights`` as its caller passed them: timm >= 1.0.23 adds
+        ``needs_reset``, which earlier 1.0 releases do not take.
+        """
+        super().init_weights(mode, **kwargs)
         if self.cls_token is not None:
             # timm's trunc_normal_ cuts at the absolute bounds a=-2, b=2 (its defaults, as in timm
             # 0.3.2's call `trunc_normal_(self.cls_token, std=.02)`), i.e. at 100 std: in effect
@@ -226,11 +243,8 @@ def _create_deit(name: str, pretrained: bool = False, distilled: bool = False, *
     model_args.update(kwargs)
     model_cls = DistilledVisionTransformer if distilled else DeiT
     model = model_cls(**model_args)
-    img_size = model.patch_embed.img_size
-    model.pretrained_cfg = dict(
-        url=MODEL_URLS[name], architecture=name, num_classes=model.num_classes, input_size=(3, *img_size),
-        crop_pct=0.875, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv='patch_embed.proj', classifier=('head', 'head_dist') if distilled else 'head')
+    model.pretrained_cfg = dict(default_cfgs[name], architecture=name, num_classes=model.num_classes,
+                                input_size=(3, *model.patch_embed.img_size))
     if pretrained:
         # Another image size: the position embedding is resized; another class count: fresh heads.
         utils.load_pretrained(model, MODEL_URLS[name], adapt=interpolate_pos_embed)

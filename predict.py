@@ -12,6 +12,7 @@ preprocessing is datasets.py's evaluation transform, the one main.py evaluates w
 """
 import argparse
 import json
+import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -169,11 +170,15 @@ def _device(name: str) -> torch.device:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Print the predictions for every readable image; returns the exit code (1 if some image was unreadable)."""
+    """Print the predictions for every readable image; returns the exit code: 0, 1 if some image was unreadable,
+    2 for a user error (a bad flag, an image file that does not exist)."""
     try:
         device = _device(args.device)
         if args.topk < 1:
             raise ValueError('--topk must be at least 1')
+        missing = [path for path in args.images if not os.path.isfile(path)]
+        if missing:  # before the weights, which may be a download
+            raise ValueError(f'no such image file: {", ".join(missing)}')
         model, names, input_size, crop_ratio = load_model(args)
         transform = build_eval_transform(input_size, crop_ratio)
     except ValueError as exc:

@@ -10,6 +10,7 @@ import urllib.error
 import urllib.parse
 import warnings
 from collections import defaultdict, deque
+from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -107,6 +108,14 @@ def init_distributed_mode(args: Any) -> None:
 # ============ metric logging ============
 
 
+# The tensor of the last all_reduce_sum, referenced until the next one. Before torch 2.8 a gloo worker thread lets go of
+# a reduced tensor a moment after wait() returns; were that the last reference while destroy_process_group() ran, the
+# worker (which then needs the GIL to free a tensor made in Python) and the group's destructor (which holds the GIL
+# and waits for the worker) would wait for each other: a hang at exit in 4 of 10 two-process runs on torch 2.4
+# (pytorch/pytorch#154976, in torch 2.8, releases the GIL there).
+_last_reduced: List[torch.Tensor] = []
+
+
 def all_reduce_sum(values: Sequence[float]) -> List[float]:
     """Sum numbers over all processes; the numbers themselves outside a distributed run.
 
@@ -119,6 +128,7 @@ def all_reduce_sum(values: Sequence[float]) -> List[float]:
     device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
+    _last_reduced[:] = [tensor]
     return tensor.tolist()
 
 
@@ -276,6 +286,36 @@ def _pickled_paths() -> List[Tuple[type, str]]:
     return [(cls, f'{module}.{name}') for name, cls in classes.items() for module in ('pathlib', 'pathlib._local')]
 
 
+def _pickled_globals() -> List[Any]:
+    """What the original's checkpoints pickle besides tensors and plain values, in the form this torch takes.
+
+    torch >= 2.6 takes (class, 'module.name') pairs, which map each name in _pickled_paths to its class; older
+    torch takes classes only, each under its own name, so there a path pickled by another Python version or
+    system (a name whose class differs here) stays refused.
+    """
+    if torch.__version__ >= (2, 6):
+        return [argparse.Namespace, *_pickled_paths()]
+    return [argparse.Namespace, *(cls for cls, name in _pickled_paths() if name == f'{cls.__module__}.{cls.__name__}')]
+
+
+@contextmanager
+def _safe_globals(allowed: List[Any]) -> Iterator[None]:
+    """Allow ``allowed`` in weights-only loads inside the block only: torch's ``safe_globals``, or its equivalent
+    on torch 2.4, which has only the process-wide ``add_safe_globals``."""
+    if hasattr(torch.serialization, 'safe_globals'):  # torch >= 2.5
+        with torch.serialization.safe_globals(allowed):
+            yield
+        return
+    # What torch 2.5's safe_globals does: add to the process-wide list, then put back the list as it was.
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals(allowed)
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
 def load_checkpoint(path_or_url: str) -> Dict[str, Any]:
     """Load a checkpoint on the CPU from a file or an https URL, with ``weights_only=True``.
 
@@ -283,13 +323,14 @@ def load_checkpoint(path_or_url: str) -> Dict[str, Any]:
     used without network. Checkpoints of the original code, which pickled ``argparse.Namespace`` as
     their ``args``, load too (that class only holds attributes), also those its Slurm launcher wrote,
     whose ``args`` hold ``pathlib`` paths (``output_dir``, ``job_dir``; building a path runs no code
-    and touches no file); anything else that is not tensors or plain values is refused.
+    and touches no file; paths pickled by another Python version or system need torch >= 2.6); anything
+    else that is not tensors or plain values is refused.
 
     Raises:
         CheckpointError: one line saying what is wrong with the file.
     """
     try:
-        with torch.serialization.safe_globals([argparse.Namespace, *_pickled_paths()]):
+        with _safe_globals(_pickled_globals()):
             if path_or_url.startswith(('https://', 'http://')):
                 return torch.hub.load_state_dict_from_url(path_or_url, map_location='cpu', check_hash=True,
                                                           weights_only=True)
@@ -305,6 +346,10 @@ def load_checkpoint(path_or_url: str) -> Dict[str, Any]:
         # torch's refusal is a paragraph; its 'Unsupported global: GLOBAL x.y' (or, for a module it blocks,
         # 'unsupported GLOBAL x.y whose module x is blocked') part names the culprit.
         refused = re.search(r'unsupported (?:global: )?GLOBAL (\S+)', message, re.IGNORECASE)
+        if refused and refused[1] in {name for _, name in _pickled_paths()}:
+            raise CheckpointError(f'checkpoint {path_or_url} holds a {refused[1]}, a path as another Python version '
+                                  f'or system pickles it, which torch {torch.__version__} cannot map to a class of '
+                                  'this Python: load it with torch >= 2.6') from None
         if refused:
             raise CheckpointError(f'checkpoint {path_or_url} holds {refused[1]}, not only tensors and plain values, '
                                   'and is refused: unpickling it could run code (loaded with weights_only=True). '

@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import analyze
+import builders
 import datasets
 import main
 import models  # noqa: F401  (registers the DeiT names in timm)
@@ -268,3 +269,18 @@ def test_bad_inputs_get_one_line(run, tmp_path, capsys, monkeypatch):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [f'analyze.py heads: error: checkpoint {tmp_path}/missing.pth: '
                                                   'no such file']
+
+
+def test_heads_and_tokens_check_the_model_before_reading_any_data(run, capsys, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError('the data loaders were built before the model was checked')
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builders, 'build_data', no_data)
+        for command in ('heads', 'tokens'):
+            assert 'no distillation token' in error_line(capsys, command, run['teacher'], '--model', PLAIN,
+                                                         *data_flags(run['folder']))
+    # the model's classes come from its checkpoint (3) and must be the data's (DIGITS: 10)
+    err = error_line(capsys, 'heads', run['student'], '--data-set', 'DIGITS', '--input-size', '32', '--num_workers',
+                     '0', '--device', 'cpu')
+    assert 'classifies 3 classes and --data-set DIGITS has 10: give a checkpoint trained on this dataset' in err

@@ -8,6 +8,7 @@ import os
 import re
 from contextlib import redirect_stdout
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -73,6 +74,7 @@ class CountingEma(ModelEmaV3):
 @pytest.mark.parametrize('amp_dtype', [None, torch.bfloat16], ids=['fp32', 'bf16'])
 @pytest.mark.parametrize('extras', [False, True], ids=['plain', 'distill-clip-ema-mixup'])
 def test_a_few_epochs_lower_the_loss(amp_dtype, extras):
+    np.random.seed(0)  # Mixup draws from numpy's global generator: the same draws whichever tests ran before
     dataset = fixed_dataset(64)
     loader = train_loader(dataset)
     model = tiny(distilled=extras)
@@ -152,6 +154,37 @@ class PoisonedLoss(nn.Module):
             loss = loss * self.value
         self.step += 1
         return loss
+
+
+class RecordingEma:
+    """Stands for ModelEmaV3: records the weights it is updated with."""
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def update(self, model: nn.Module, step=None) -> None:
+        self.seen.append(model.weight.detach().clone())
+
+
+def test_with_accumulation_the_ema_is_updated_once_per_optimizer_step_with_its_weights():
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    after_steps = []
+    step = optimizer.step
+
+    def step_and_record(*args, **kwargs):
+        result = step(*args, **kwargs)
+        after_steps.append(model.weight.detach().clone())
+        return result
+
+    optimizer.step = step_and_record
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(7)]
+    model_ema = RecordingEma()
+    engine.train_one_epoch(model, lambda samples, outputs, targets: F.cross_entropy(outputs, targets), batches,
+                           optimizer, CPU, 0, None, None, model_ema=model_ema, print_freq=100, accum_iter=3)
+    assert len(after_steps) == 2  # 7 batches: 2 steps of 3 (the 7th is not used)
+    assert len(model_ema.seen) == 2 and all(torch.equal(a, b) for a, b in zip(model_ema.seen, after_steps))
 
 
 @pytest.mark.parametrize('value', [float('nan'), float('inf')])

@@ -131,26 +131,33 @@ class CriterionBuilt(Exception):
     """Raised right after main() builds its loss, carrying it: the run stops before any training step."""
 
 
-@pytest.mark.parametrize('extra, note', [([], True), (['--eval-head', 'cls'], False),
-                                         (['--dist-head-on-labels'], False)])
-def test_distilled_model_without_teacher_says_its_distillation_head_stays_as_loaded(
-        extra, note, image_folder, monkeypatch, capsys):
+@pytest.mark.parametrize('extra, frozen, evaluation_note', [([], True, True), (['--eval-head', 'cls'], True, False),
+                                                            (['--dist-head-on-labels'], False, False)])
+def test_a_distillation_head_that_no_loss_trains_is_frozen_and_said_so(
+        extra, frozen, evaluation_note, image_folder, monkeypatch, capsys):
     build_criterion = builders.build_criterion
 
-    def build_and_stop(*args, **kwargs):
-        raise CriterionBuilt(build_criterion(*args, **kwargs))
+    def build_and_stop(args, model, *rest):
+        raise CriterionBuilt(build_criterion(args, model, *rest), model)
 
     monkeypatch.setattr(builders, 'build_criterion', build_and_stop)
     with pytest.raises(CriterionBuilt) as built:
         main.cli(['--model', 'deit_tiny_distilled_patch16_224', '--data-set', 'FOLDER', '--data-path',
                   str(image_folder), '--input-size', '32', '--batch-size', '8', '--num_workers', '0', '--device',
                   'cpu', *extra])
-    notes = [line for line in capsys.readouterr().out.splitlines()
-             if 'distillation head of deit_tiny_distilled_patch16_224 keeps its initial / loaded weights' in line]
-    assert len(notes) == note
-    if note:
-        assert 'averaged in at evaluation' in notes[0] and '--dist-head-on-labels' in notes[0]
-    assert built.value.args[0].dist_head_on_labels == ('--dist-head-on-labels' in extra)
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines()
+             if 'distillation head of deit_tiny_distilled_patch16_224, so it is frozen: it keeps its initial' in line]
+    assert len(notes) == frozen
+    if frozen:
+        assert ('averaged in at evaluation' in notes[0] and '--dist-head-on-labels' in notes[0]) == evaluation_note
+    criterion, model = built.value.args
+    assert criterion.dist_head_on_labels == ('--dist-head-on-labels' in extra)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in model.named_parameters()} - (
+        {'head_dist.weight', 'head_dist.bias'} if frozen else set())
+    # log.txt's n_parameters: the trainable parameters
+    assert f'number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}\n' in out
 
 
 # ============ helpers of the flows ============
@@ -262,7 +269,7 @@ def test_attn_only_trains_what_the_original_trains():
 
 def test_attn_only_count_of_deit_small_distilled_is_the_originals():
     """7.56M trainable parameters, as the original (ours used to train 8.24M: patch_embed, tokens, head_dist)."""
-    with torch.device('meta'):
+    with builders.skeleton_device():
         model = timm.create_model('deit_small_distilled_patch16_224')
     count = builders.train_attention_only(model, 'deit_small_distilled_patch16_224')
     # 12 blocks x (qkv 384*1152 + 1152, proj 384*384 + 384) + head 384*1000 + 1000 + pos_embed 198*384

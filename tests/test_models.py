@@ -153,6 +153,16 @@ def test_import_prints_no_warning():
     assert result.stderr == ''
 
 
+def test_timms_own_deit_builders_still_find_their_configuration(caplog):
+    # register_model clears the configuration timm had for a name registered again: without ours, timm's reference
+    # builders of these names logged "No pretrained configuration specified for deit_tiny_patch16_224 model".
+    for name in models.DEIT_MODELS:
+        model = getattr(timm_deit, name)(depth=1, embed_dim=48, num_heads=3)
+        assert type(model).__module__.startswith('timm.models.')  # timm's class, not ours
+    assert [r.getMessage() for r in caplog.records if 'pretrained configuration' in r.getMessage()] == []
+    assert [timm.get_pretrained_cfg(name).url for name in models.DEIT_MODELS] == list(models.MODEL_URLS.values())
+
+
 def test_interpolate_pos_embed_matches_bicubic_resize():
     model = timm.create_model('deit_tiny_distilled_patch16_224', img_size=64, depth=1)  # 4x4 grid
     pos = torch.randn(1, 2 + 14 * 14, 192)

@@ -20,7 +20,8 @@ import timm
 import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, create_scheduler
+from torch.torch_version import TorchVersion
 
 import builders
 import checkpoints
@@ -147,12 +148,6 @@ def test_a_checkpoint_of_the_original_launcher_loads_resumes_and_predicts(origin
     path, model, saved_optimizer = original_checkpoint
     args = utils.load_checkpoint(str(path))['args']
     assert args == original_args() and isinstance(args.output_dir, pathlib.PosixPath)
-    # The paths as Python 3.13 pickles them (pathlib._local), and a WindowsPath (its pure flavour here).
-    torch.save({'args': original_args(run=pathlib.PureWindowsPath('C:/runs/1'))}, tmp_path / 'args.pth')
-    py313 = repickled(tmp_path / 'args.pth', tmp_path / '313.pth', b'cpathlib\n', b'cpathlib._local\n')
-    assert utils.load_checkpoint(str(py313))['args'] == original_args(run=pathlib.PureWindowsPath('C:/runs/1'))
-    windows = repickled(tmp_path / 'args.pth', tmp_path / 'win.pth', b'\nPureWindowsPath', b'\nWindowsPath')
-    assert utils.load_checkpoint(str(windows))['args'].run == pathlib.PureWindowsPath('C:/runs/1')
     # --resume: weights, optimizer state and the epoch to continue at.
     resumed = timm.create_model('deit_tiny_patch16_224', num_classes=3, img_size=32)
     optimizer = create_optimizer_v2(resumed, 'adamw', lr=5e-4, weight_decay=0.05)
@@ -167,6 +162,38 @@ def test_a_checkpoint_of_the_original_launcher_loads_resumes_and_predicts(origin
     loaded, classes, input_size, _ = predict.load_model(args)
     assert (input_size, len(classes)) == (32, 3)
     assert torch.equal(loaded.head.weight, model.head.weight)
+
+
+def test_resuming_a_checkpoint_of_the_original_names_only_true_schedule_changes(capsys):
+    # The original stored args.lr overwritten with the lr it trained at, 5e-4 x 64 / 512 on one GPU, and its
+    # --cooldown-epochs default 10, which its loop never trained (it ended at --epochs).
+    saved = argparse.Namespace(**{**vars(original_args()), 'lr': 5e-4 * 64 / 512, 'batch_size': 64, 'world_size': 1,
+                                  'cooldown_epochs': 10, 'sched': 'cosine', 'warmup_epochs': 5, 'unscale_lr': False})
+    for argv, printed in [([], ''),
+                          (['--lr', '1e-3'], 'Resuming with a new schedule: actual lr 6.25e-05 -> 0.000125\n'),
+                          (['--epochs', '400'], 'Resuming with a new schedule: --epochs 300 -> 400\n')]:
+        args = main.get_args_parser().parse_args(['--model', 'deit_tiny_patch16_224', '--batch-size', '64', *argv])
+        args.actual_lr = builders.scaled_lr(args)
+        optimizer = torch.optim.AdamW(nn.Linear(2, 2).parameters(), lr=args.actual_lr)
+        scheduler, _ = create_scheduler(args, optimizer)
+        checkpoints.resume_schedule(scheduler, optimizer, scheduler.state_dict(), saved, args)
+        assert capsys.readouterr().out == printed, argv
+
+
+def paths_of_other_pythons(tmp_path):
+    """The launcher's args pickled with paths as Python 3.13 names them (pathlib._local) and with a WindowsPath."""
+    torch.save({'args': original_args(run=pathlib.PureWindowsPath('C:/runs/1'))}, tmp_path / 'args.pth')
+    py313 = repickled(tmp_path / 'args.pth', tmp_path / '313.pth', b'cpathlib\n', b'cpathlib._local\n')
+    windows = repickled(tmp_path / 'args.pth', tmp_path / 'win.pth', b'\nPureWindowsPath', b'\nWindowsPath')
+    return py313, windows
+
+
+@pytest.mark.skipif(torch.__version__ < (2, 6), reason='mapping a pickled name to another class needs torch >= 2.6')
+def test_paths_pickled_by_another_python_or_system_load(tmp_path):
+    py313, windows = paths_of_other_pythons(tmp_path)
+    assert utils.load_checkpoint(str(py313))['args'] == original_args(run=pathlib.PureWindowsPath('C:/runs/1'))
+    # a concrete path of another system becomes its pure flavour here
+    assert utils.load_checkpoint(str(windows))['args'].run == pathlib.PureWindowsPath('C:/runs/1')
 
 
 class Payload:
@@ -188,3 +215,31 @@ def test_a_crafted_pickle_next_to_the_launcher_paths_is_still_refused(call, tmp_
     with pytest.raises(utils.CheckpointError, match='is refused: unpickling it could run code'):
         utils.load_checkpoint(str(tmp_path / 'crafted.pth'))
     assert not marker.exists()
+
+
+@pytest.fixture
+def torch_2_4(monkeypatch):
+    """torch 2.4's weights-only API: the process-wide add_safe_globals only, no safe_globals context manager, and
+    classes without the (class, 'module.name') pairs of torch 2.6. On torch 2.4 itself this changes nothing."""
+    if hasattr(torch.serialization, 'safe_globals'):
+        monkeypatch.delattr(torch.serialization, 'safe_globals')
+    monkeypatch.setattr(torch, '__version__', TorchVersion('2.4.0'))
+
+
+def test_on_torch_2_4_the_original_checkpoints_load_and_crafted_pickles_stay_refused(
+        original_checkpoint, torch_2_4, tmp_path):
+    allowed_before = set(torch.serialization.get_safe_globals())
+    assert utils.load_checkpoint(str(original_checkpoint[0]))['args'] == original_args()
+    for call in ('system', 'path_method'):
+        marker = tmp_path / call
+        torch.save({'model': {}, 'args': original_args(payload=Payload(call, marker))}, tmp_path / 'crafted.pth')
+        with pytest.raises(utils.CheckpointError, match='is refused: unpickling it could run code'):
+            utils.load_checkpoint(str(tmp_path / 'crafted.pth'))
+        assert not marker.exists()
+    # torch < 2.6 cannot map the names of another Python or system: a message that says what can
+    for path in paths_of_other_pythons(tmp_path):
+        with pytest.raises(utils.CheckpointError, match=r'holds a pathlib\.(_local\.PosixPath|WindowsPath), a path as '
+                                                        r'another Python .* load it with torch >= 2\.6'):
+            utils.load_checkpoint(str(path))
+    # the classes were allowed for those loads only
+    assert set(torch.serialization.get_safe_globals()) == allowed_before

@@ -18,6 +18,7 @@ import datasets
 import main
 import models  # noqa: F401  (registers the DeiT names in timm)
 import predict
+import utils
 
 REPO = Path(__file__).resolve().parents[1]
 # The two photographs scikit-learn ships (sklearn.datasets.load_sample_images reads these files).
@@ -216,3 +217,14 @@ def test_user_errors_are_one_line_messages(tmp_path, capsys):
         assert predict.main(predict.get_args_parser().parse_args([PHOTOS[0], '--device', 'cpu', *argv])) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_missing_image_is_refused_before_any_weights_are_loaded(tmp_path, capsys, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError('weights were loaded (downloaded) before the images were checked')
+
+    monkeypatch.setattr(utils, 'load_checkpoint', no_load)
+    missing = tmp_path / 'missing.jpg'
+    argv = [PHOTOS[0], str(missing), '--model', 'deit_tiny_patch16_224', '--device', 'cpu']
+    assert predict.main(predict.get_args_parser().parse_args(argv)) == 2
+    assert capsys.readouterr().err == f'predict.py: error: no such image file: {missing}\n'

@@ -1,7 +1,9 @@
-"""RASampler: epoch length, placement of the copies, coverage, determinism."""
+"""RASampler: epoch length, placement of the copies, coverage, determinism, the original's order."""
+import math
 from collections import Counter
 
 import pytest
+import torch
 
 from samplers import RASampler
 
@@ -58,6 +60,25 @@ def test_order_depends_only_on_seed_and_epoch():
     sampler = RASampler(range(500), num_replicas=1, rank=0)
     sampler.set_epoch(5)
     assert list(sampler) == list(sampler)
+
+
+def original_order(n, replicas, rank, epoch):
+    """The original's RASampler (facebookresearch/deit, samplers.py) for one replica, written out: a permutation
+    from a generator seeded with the epoch alone, each index 3 times in a row, the list's head appended up to a
+    multiple of the replicas, every replicas-th index from the rank, cut to floor(n // 256 * 256 / replicas)."""
+    g = torch.Generator()
+    g.manual_seed(epoch)
+    indices = [i for i in torch.randperm(n, generator=g).tolist() for _ in range(3)]
+    total_size = math.ceil(n * 3 / replicas) * replicas
+    indices += indices[:total_size - len(indices)]
+    return indices[rank:total_size:replicas][:math.floor(n // 256 * 256 / replicas)]
+
+
+@pytest.mark.parametrize('n,replicas', [(1000, 1), (1000, 3), (1281, 8)])
+def test_seed_0_draws_the_originals_order_index_for_index(n, replicas):
+    for epoch in (0, 1, 7):
+        assert draw(n, replicas, epoch=epoch, seed=0) == [original_order(n, replicas, r, epoch)
+                                                          for r in range(replicas)], epoch
 
 
 @pytest.mark.parametrize('n,replicas', [(100, 1), (100, 8), (1, 8), (255, 2)])

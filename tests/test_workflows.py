@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+import timm
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from timm.scheduler import create_scheduler
+from timm.scheduler import PlateauLRScheduler, create_scheduler
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
@@ -139,6 +140,62 @@ def test_tensorboard_scalars_match_the_log_and_a_resume_repeats_no_step(extended
                                                                 rel=1e-6), tag
 
 
+class StopAtPoll(stopping.StopRequest):
+    """A stop request that arrives with the n-th poll: one per optimizer step and one at each epoch's end."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.polls = n, 0
+
+    def requested(self) -> bool:
+        self.polls += 1
+        return self.polls >= self.n
+
+
+@pytest.fixture(scope='module')
+def resumed_at_steps_10_11_20(image_folder, tmp_path_factory):
+    """--epochs 3 of 10 optimizer steps (--batch-size 12), with TensorBoard, in three runs: stopped at step 11
+    (epoch 1, step 1: step 10 is logged); resumed there and killed before the checkpoint of epoch 2 (step 20 is
+    logged); resumed at step 20. Returns (output folder, TensorBoard folder)."""
+    tmp = tmp_path_factory.mktemp('purge')
+    out, log_dir = tmp / 'out', tmp / 'tensorboard'
+    flags = ['--batch-size', '12', '--epochs', '3', '--warmup-epochs', '1', '--output_dir', str(out),
+             '--log_dir', str(log_dir)]
+    with pytest.MonkeyPatch.context() as patch:
+        # polls 1-10: epoch 0's steps; 11: its end; 12: epoch 1, step 0; 13: epoch 1, step 1
+        patch.setattr(main, 'StopRequest', lambda: StopAtPoll(13))
+        with pytest.raises(SystemExit) as exit_info:
+            run(image_folder, *flags)
+    assert exit_info.value.code == main.EXIT_STOPPED
+    stopped = load(out / 'checkpoint.pth')
+    assert (stopped['epoch'], stopped['resume_step']) == (0, 1)
+    save_epoch = checkpoints.save_epoch
+
+    def killed_at_epoch_2(output_dir, log_stats, checkpoint, is_best):
+        if log_stats['epoch'] == 2:
+            raise Killed
+        save_epoch(output_dir, log_stats, checkpoint, is_best)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoints, 'save_epoch', killed_at_epoch_2)
+        with pytest.raises(Killed):
+            run(image_folder, *flags)
+    assert 'continuing at epoch 2' in run(image_folder, *flags)
+    return out, log_dir
+
+
+def test_tensorboard_has_each_step_once_across_resumes_at_any_step(resumed_at_steps_10_11_20):
+    # SummaryWriter's purge_step at the step resumed at: the resume at step 11 keeps step 10, written before the
+    # stop; the resume at step 20 drops the step 20 that the killed run wrote, and writes it again.
+    out, log_dir = resumed_at_steps_10_11_20
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    for tag in ('train/loss', 'train/lr'):
+        assert [e.step for e in events.Scalars(tag)] == [0, 10, 20], tag
+    assert [e.step for e in events.Scalars('test/acc1')] == [0, 1, 2]
+    assert [log['epoch'] for log in read_log(out)] == [0, 1, 2]
+
+
 def test_evaluation_prints_an_eta(extended):
     # utils.MetricLogger.log_every prints the same progress line, ETA included, for training and evaluation.
     test_lines = [line for line in extended[3].splitlines() if line.startswith('Test:  [')]
@@ -171,17 +228,63 @@ def test_resume_schedule_names_changed_flags_and_keeps_the_plateau_history(capsy
     saved_optimizer, saved_scheduler = optimizer.state_dict(), scheduler.state_dict()
 
     new = parser.parse_args([*plateau, '--lr', '2e-3'])
+    new.actual_lr = 2e-3  # --unscale-lr
     optimizer = torch.optim.SGD(model.parameters(), lr=2e-3)
     scheduler, _ = create_scheduler(new, optimizer)
     optimizer.load_state_dict(saved_optimizer)
-    checkpoints.resume_schedule(scheduler, optimizer, saved_scheduler, old, new)  # the original's Namespace args
-    assert capsys.readouterr().out == 'Resuming with a new schedule: --lr 0.001 -> 0.002\n'
+    # The original's Namespace args, whose lr is the one it trained at: our actual lr.
+    checkpoints.resume_schedule(scheduler, optimizer, saved_scheduler, old, new)
+    assert capsys.readouterr().out == 'Resuming with a new schedule: actual lr 0.001 -> 0.002\n'
     assert scheduler.lr_scheduler.best == 50.0
     # As if the command had said --lr 2e-3 from the start, with the same decay.
     assert optimizer.param_groups[0]['lr'] == pytest.approx(2 * decayed)
     assert optimizer.param_groups[0]['initial_lr'] == 2e-3
     checkpoints.resume_schedule(scheduler, optimizer, saved_scheduler, None, new)  # a checkpoint without args
     assert capsys.readouterr().out == ''
+
+
+# ============ the plateau schedule ============
+
+
+PLATEAU_STEP = PlateauLRScheduler.step
+
+
+def plateau_step_as_timm_1_0_22(scheduler: PlateauLRScheduler, epoch: int, metric=None) -> None:
+    """PlateauLRScheduler.step as timm < 1.0.23 had it: past the warm-up it stepped ReduceLROnPlateau with the
+    metric, also when there was none, and ReduceLROnPlateau fails on None (float(None))."""
+    if epoch > scheduler.warmup_t and metric is None:
+        scheduler.lr_scheduler.step(metric)
+    PLATEAU_STEP(scheduler, epoch, metric)
+
+
+PLATEAU = ['--batch-size', '8', '--sched', 'plateau', '--warmup-epochs', '0']
+
+
+def read_log(output_dir: Path) -> List[Dict]:
+    return [json.loads(line) for line in (output_dir / 'log.txt').read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def plateau(image_folder, tmp_path_factory):
+    """One epoch of --sched plateau --warmup-epochs 0; returns its output folder."""
+    out = tmp_path_factory.mktemp('plateau') / 'out'
+    run(image_folder, *PLATEAU, '--epochs', '1', '--output_dir', str(out))
+    return out
+
+
+def test_plateau_without_warmup_trains_epoch_0_at_the_scaled_lr(plateau):
+    # Not --warmup-lr (1e-6), which step(0) set: timm's plateau schedule counts epoch 0 <= 0 as warm-up.
+    assert read_log(plateau)[0]['train_lr'] == pytest.approx(5e-2 * 8 / 512, rel=1e-12)
+
+
+def test_a_plateau_run_resumes_past_its_warmup_on_old_timm(plateau, image_folder, monkeypatch):
+    # --epochs 2, resumed at epoch 1 > --warmup-epochs 0 with the plateau schedule of timm < 1.0.23, which failed
+    # on the missing metric of a step there. The lr is the optimizer's restored one, not decayed after one epoch.
+    monkeypatch.setattr(PlateauLRScheduler, 'step', plateau_step_as_timm_1_0_22)
+    assert 'continuing at epoch 1' in run(image_folder, *PLATEAU, '--epochs', '2', '--output_dir', str(plateau))
+    logs = read_log(plateau)
+    assert [log['epoch'] for log in logs] == [0, 1]
+    assert logs[1]['train_lr'] == pytest.approx(5e-2 * 8 / 512, rel=1e-12)
 
 
 # ============ gradient accumulation ============
@@ -335,3 +438,29 @@ def test_two_processes_accumulate_as_one_larger_batch_with_one_all_reduce_per_st
         assert counts['accum'] == counts['big'] > 0, counts
     assert len(list((tmp_path / 'tb').iterdir())) == 1  # TensorBoard: the master process's file only
 
+
+
+def _distilled_worker(rank: int, folder: str, tmp: str, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    with contextlib.redirect_stdout(io.StringIO()):
+        main.cli([*FAST, '--data-path', folder, '--model', 'deit_tiny_distilled_patch16_224', '--epochs', '1',
+                  '--batch-size', '16', '--finetune', os.path.join(tmp, 'init.pth'),
+                  '--output_dir', os.path.join(tmp, 'out')])
+
+
+def test_a_distilled_model_without_teacher_trains_on_two_processes_with_its_idle_head_frozen(image_folder, tmp_path):
+    # --distillation-type none: no loss reads head_dist. Left trainable, it had no gradient and DDP failed at the
+    # second step ("Expected to have finished reduction in the prior iteration"); here 3 steps per process.
+    torch.manual_seed(0)
+    init = timm.create_model('deit_tiny_distilled_patch16_224', img_size=32, num_classes=3).state_dict()
+    torch.save({'model': init}, tmp_path / 'init.pth')
+    mp.start_processes(_distilled_worker, args=(str(image_folder), str(tmp_path), free_port()), nprocs=2, join=True,
+                       start_method='fork')
+    trained = load(tmp_path / 'out' / 'checkpoint.pth')
+    assert adamw_steps(trained) == 3
+    for key, value in init.items():
+        assert torch.equal(trained['model'][key], value) == key.startswith('head_dist.'), key
+    (log,) = read_log(tmp_path / 'out')
+    assert log['n_parameters'] == sum(v.numel() for k, v in init.items() if not k.startswith('head_dist.'))
