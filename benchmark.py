@@ -12,7 +12,9 @@ For one model name this measures, on CPU or CUDA:
   - the speed options of main.py (fused AdamW, torch.compile, channels_last teacher), each against
     its alternative in interleaved repeats,
   - the data pipeline: JPEG decode + DeiT train transform per process, and a DataLoader with
-    --workers workers (pinned memory and persistent workers against their alternatives).
+    --workers workers (pinned memory and persistent workers against their alternatives),
+  - whole epochs of main.py (its training loader and step, the evaluation of the model and its EMA) on a
+    folder of generated JPEGs, with main.py's default loader settings and with --no-persistent-workers.
 
 Every figure goes to a table on stdout and to the --json file, rewritten after each part so that a
 killed run keeps what it measured. The measurements themselves are in measure.py; this file chooses
@@ -38,7 +40,9 @@ from timm.models.vision_transformer import VisionTransformer
 import measure
 import models
 
-PARTS = ('flops', 'inference', 'train', 'teacher', 'options', 'data')
+PARTS = ('flops', 'inference', 'train', 'teacher', 'options', 'data', 'epoch')
+# benchmark.py's --precision as main.py's
+MAIN_PRECISION = {'fp32': 'off', 'bf16': 'bf16', 'fp16': 'fp16'}
 AMP_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
@@ -95,6 +99,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                             '--data-images ImageNet-sized JPEGs in a temporary folder)')
     group.add_argument('--data-images', default=256, type=int,
                        help='number of JPEGs to generate (default: 256)')
+
+    group = parser.add_argument_group('epochs of main.py')
+    group.add_argument('--epoch-images', default=256, type=int,
+                       help='training images of the generated folder that main.py trains on, a quarter as many '
+                            'validation images; batches of --batch-size (64 without it) (default: 256)')
+    group.add_argument('--epochs', default=3, type=int,
+                       help='epochs of each main.py run; the first, which starts the workers, is not counted '
+                            '(default: 3); --repeats runs with each loader setting')
 
     parser.add_argument('--json', default='benchmark.json', type=str,
                         help="file that receives every figure, '' for none (default: benchmark.json)")
@@ -327,6 +339,22 @@ class Benchmark:
                 files, measure.train_transform(self.input_size), a.workers, a.batch_size or 64, self.device,
                 a.repeats, a.min_time)
 
+    def measure_epoch(self) -> None:
+        """Epochs of main.py with its default loader settings, against --no-persistent-workers."""
+        a = self.args
+        if a.model_kwargs:
+            self.results['epoch'] = {'skipped': 'main.py builds --model without --model-kwargs'}
+            return
+        batch_size, val_images = a.batch_size or 64, max(a.epoch_images // 4, 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            measure.write_train_val_jpegs(tmp, a.epoch_images, val_images)
+            argv = ['--model', a.model, '--input-size', str(self.input_size), '--data-set', 'FOLDER', '--data-path',
+                    tmp, '--batch-size', str(batch_size), '--num_workers', str(a.workers), '--epochs', str(a.epochs),
+                    '--device', a.device, '--precision', MAIN_PRECISION[a.precision]]
+            self.results['epoch'] = dict(measure.measure_epochs(argv, a.threads, a.repeats), argv=argv,
+                                         batch_size=batch_size, workers=a.workers, train_images=a.epoch_images,
+                                         val_images=val_images)
+
     def run(self) -> int:
         """Measure every part not skipped; returns the number of parts that failed."""
         parts = {'outputs': self.check_outputs, 'matmul_peak': self.measure_peak}
@@ -402,6 +430,12 @@ def print_table(results: Dict[str, Any]) -> None:
             print(f"data: pinned memory x{d['pin_memory']['speedup']:.3f}")
         if 'epoch_start_s' in d['persistent_workers']:
             print(f"data: persistent workers save {d['persistent_workers']['saved_s_per_epoch']:.2f} s per epoch")
+    e = results.get('epoch', {})
+    if 'ratio_restarted_persistent' in e:
+        print(f"epoch of main.py ({e['workers']} workers, batch {e['batch_size']}, {e['train_images']} training and "
+              f"{e['val_images']} validation images): {e['persistent']['epoch_s']:.3f} s, "
+              f"{e['restarted']['epoch_s']:.3f} s with --no-persistent-workers "
+              f"(x{e['ratio_restarted_persistent']:.3f})")
     for name, r in results.items():
         if isinstance(r, dict) and 'error' in r and name not in ('inference', 'train', 'train_teacher'):
             print(f'{name} failed: {r["error"]}')
@@ -412,6 +446,8 @@ def cli() -> None:
     args = parser.parse_args()
     if args.repeats < 1 or args.min_time <= 0:
         parser.error('--repeats must be at least 1 and --min-time positive.')
+    if args.epochs < 2 or args.epoch_images < 1:
+        parser.error('--epochs must be at least 2 (the first is not counted) and --epoch-images positive.')
     try:
         benchmark = Benchmark(args)
     except ValueError as e:

@@ -42,14 +42,14 @@ run() {  # run NAME SECONDS ARGS...: one benchmark.py process, limited to SECOND
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nproc; } >>"$OUT/log.txt" 2>&1
 gpu="--device cuda --precision bf16 --repeats 5 --min-time 0.3"
-run tiny 70 --model deit_tiny_patch16_224 $gpu --skip-options --skip-data
-run small 70 --model deit_small_patch16_224 $gpu --skip-options --skip-data
-run base 80 --model deit_base_patch16_224 $gpu --skip-options --skip-data
-run base384 90 --model deit_base_patch16_384 $gpu --skip-options --skip-data
+run tiny 70 --model deit_tiny_patch16_224 $gpu --skip-options --skip-data --skip-epoch
+run small 70 --model deit_small_patch16_224 $gpu --skip-options --skip-data --skip-epoch
+run base 80 --model deit_base_patch16_224 $gpu --skip-options --skip-data --skip-epoch
+run base384 90 --model deit_base_patch16_384 $gpu --skip-options --skip-data --skip-epoch
 run data 60 --model deit_small_patch16_224 $gpu --workers 16 --data-images 512 \
-  --skip-flops --skip-inference --skip-train --skip-options
+  --skip-flops --skip-inference --skip-train --skip-options --skip-epoch
 run teacher 90 --model deit_small_distilled_patch16_224 --teacher-model regnety_160 $gpu \
-  --skip-inference --skip-data
-run compile 150 --model deit_small_patch16_224 --compile --skip-timm $gpu --skip-data
+  --skip-inference --skip-data --skip-epoch
+run compile 150 --model deit_small_patch16_224 --compile --skip-timm $gpu --skip-data --skip-epoch
 echo "=== done in $(($(date +%s) - start))s" | tee -a "$OUT/log.txt"
 exit $failed

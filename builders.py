@@ -26,6 +26,7 @@ from checkpoints import load_weights
 from datasets import build_dataset
 from losses import CosubLoss, DistillationLoss
 from samplers import RASampler
+from seeding import SeededDataset, SeededSampler
 from stopping import end_workers_at_exit, ignore_stop_signals
 
 
@@ -100,8 +101,11 @@ def build_data(args: argparse.Namespace, device: torch.device
         sampler_val = DistributedSampler(dataset_val, num_replicas=world_size, rank=rank, shuffle=False)
     else:
         sampler_val = SequentialSampler(dataset_val)
+    # The workers of both loaders live as long as the run, as in timm's train.py: starting them anew for each
+    # training epoch and each evaluation costs seconds every epoch.
+    persistent = args.num_workers > 0 if args.persistent_workers is None else args.persistent_workers
     loader_kwargs = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
-                         persistent_workers=args.persistent_workers, worker_init_fn=ignore_stop_signals)
+                         persistent_workers=persistent, worker_init_fn=ignore_stop_signals)
     if args.num_workers:
         atexit.unregister(end_workers_at_exit)  # registered once, after multiprocessing's handler: runs before it
         atexit.register(end_workers_at_exit)
@@ -119,8 +123,11 @@ def build_data(args: argparse.Namespace, device: torch.device
     else:
         sampler_train = RandomSampler(dataset_train)  # draws from torch's generator, which each epoch re-seeds
     print(f'Training sampler: {type(sampler_train).__name__}')
-    loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size, drop_last=True,
-                              **loader_kwargs)
+    # Each sample's augmentations are seeded from its place in the epoch (seeding.py). DataLoader draws a base seed
+    # for its workers whenever it starts them; from torch's generator, that draw would shift RandomSampler's after
+    # it in a resumed run, which starts workers where the run that never stopped kept its own: its own generator.
+    loader_train = DataLoader(SeededDataset(dataset_train), sampler=SeededSampler(sampler_train, args.seed, rank),
+                              batch_size=args.batch_size, drop_last=True, generator=torch.Generator(), **loader_kwargs)
     return dataset_train, dataset_val, loader_train, loader_val, nb_classes
 
 

@@ -72,7 +72,8 @@ def restore(path: str, model: nn.Module, model_ema: Optional[ModelEmaV3], **trai
 
     Returns:
         {'ema_loaded': bool} plus, after a training checkpoint, 'start_epoch', 'start_step' (the step of
-        that epoch to continue at), 'max_accuracy', and for resume_schedule the checkpoint's 'lr_scheduler'
+        that epoch to continue at), 'start_sums' (this process's figures of that epoch so far, for
+        engine.train_one_epoch; None), 'max_accuracy', and for resume_schedule the checkpoint's 'lr_scheduler'
         state and 'args' (a dict; a Namespace in the original's checkpoints; None when absent).
     """
     checkpoint = utils.load_checkpoint(path)
@@ -89,11 +90,26 @@ def restore(path: str, model: nn.Module, model_ema: Optional[ModelEmaV3], **trai
                 obj.load_state_dict(checkpoint[key])
         result['start_epoch'] = checkpoint['epoch'] + 1
         result['start_step'] = checkpoint.get('resume_step', 0)  # a checkpoint written on a stop request
+        result['start_sums'] = _resumed_sums(checkpoint, path)
         result['max_accuracy'] = checkpoint.get('max_accuracy', -math.inf)
         result['lr_scheduler'], result['args'] = checkpoint['lr_scheduler'], checkpoint.get('args')
         print(f'Resumed from {path}: epoch {checkpoint["epoch"]} done, continuing at epoch {result["start_epoch"]}'
               + (f', step {result["start_step"]}' if result['start_step'] else ''))
     return result
+
+
+def _resumed_sums(checkpoint: Dict[str, Any], path: str) -> Optional[Dict[str, Any]]:
+    """This process's figures of the epoch that a stop interrupted (engine.TrainingStopped.sums), saved one per
+    process; None from a checkpoint of a complete epoch, or one written by another number of processes."""
+    sums = checkpoint.get('resume_sums')
+    if sums is None:
+        return None
+    if len(sums) != utils.get_world_size():
+        print(f'Note: {path} was written by {len(sums)} process(es) and this run has {utils.get_world_size()}: the '
+              f'train_loss and train_lr of epoch {checkpoint["epoch"] + 1} average its batches from step '
+              f'{checkpoint["resume_step"]} on only')
+        return None
+    return sums[utils.get_rank()]
 
 
 def resume_schedule(lr_scheduler: Scheduler, optimizer: torch.optim.Optimizer, saved_state: Dict[str, Any],

@@ -4,7 +4,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,7 @@ from timm.utils import accuracy
 from torch.utils.data import DistributedSampler
 
 import models
+import seeding
 import utils
 from losses import CosubLoss, DistillationLoss
 
@@ -28,12 +29,19 @@ class TrainingStopped(Exception):
     Attributes:
         epoch: the epoch in progress.
         step: the number of its steps applied; the step under way was abandoned before its update.
+        sums: this process's (count, total) of the epoch's 'loss' and 'lr' figures over the batches of the
+            applied steps, from which train_one_epoch(resumed_sums=...) goes on; None between epochs.
     """
 
-    def __init__(self, epoch: int, step: int) -> None:
-        super().__init__(f'training stopped at epoch {epoch}, step {step}')
+    def __init__(self, epoch: int, step: int, sums: Optional[Dict[str, Tuple[int, float]]] = None) -> None:
+        super().__init__(epoch, step)
         self.epoch = epoch
         self.step = step
+        self.sums = sums
+
+    def __str__(self) -> str:
+        # Read when printed: main.py adds the steps before a resumed run's first to ``step``.
+        return f'training stopped at epoch {self.epoch}, step {self.step}'
 
 
 def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -86,9 +94,11 @@ def _test_hooks(epoch: int, step: int, loss_value: float, stop_requested: Option
     return math.nan if _injected_nan_at() == where else loss_value
 
 
-def _check_step(loss_value: float, stop: bool, epoch: int, step: int, num_steps: int) -> float:
+def _check_step(loss_value: float, stop: bool, epoch: int, step: int, num_steps: int,
+                metric_logger: utils.MetricLogger) -> float:
     """Stop every process together: NonFiniteLossError when the loss of any process is not finite,
-    else TrainingStopped when any process was asked to stop.
+    else TrainingStopped when any process was asked to stop, with the epoch's figures so far in
+    ``metric_logger``.
 
     Both decisions are summed over processes, in one collective per step, so that no process goes on
     to a collective (the DDP gradient all-reduce) that the others never join: the original exited one
@@ -108,8 +118,13 @@ def _check_step(loss_value: float, stop: bool, epoch: int, step: int, num_steps:
             f'{utils.get_world_size()} process(es) ({where}); stopped before the optimizer step. '
             'Try a lower --lr, --clip-grad 1.0, or bf16 / full precision instead of fp16.')
     if stopping:
-        raise TrainingStopped(epoch, step)
+        meters = metric_logger.meters
+        raise TrainingStopped(epoch, step, {name: (meters[name].count, meters[name].total) for name in _EPOCH_FIGURES})
     return loss_sum / utils.get_world_size()
+
+
+# What train_one_epoch returns, averaged over the epoch's batches (log.txt's train_loss and train_lr).
+_EPOCH_FIGURES = ('loss', 'lr')
 
 
 class _WholeGroups:
@@ -174,7 +189,9 @@ def train_one_epoch(model: nn.Module, criterion: Union[DistillationLoss, CosubLo
                     max_norm: float = 0.0, model_ema: Optional[nn.Module] = None, mixup_fn: Optional[Mixup] = None,
                     set_training_mode: bool = True, print_freq: int = 10,
                     stop_requested: Optional[Callable[[], bool]] = None, accum_iter: int = 1,
-                    log_writer: Optional[Any] = None, first_step: int = 0) -> Dict[str, float]:
+                    log_writer: Optional[Any] = None, first_step: int = 0,
+                    seed: Optional[int] = None,
+                    resumed_sums: Optional[Dict[str, Tuple[int, float]]] = None) -> Dict[str, float]:
     """Train ``model`` for one pass over ``data_loader``, one optimizer step every ``accum_iter`` batches.
 
     Args:
@@ -193,6 +210,12 @@ def train_one_epoch(model: nn.Module, criterion: Union[DistillationLoss, CosubLo
         log_writer: a TensorBoard SummaryWriter: every ``print_freq``-th optimizer step of the run gets
             'train/loss' (mean over its batches and processes) and 'train/lr' at x = its index in the run.
         first_step: that index for this call's first optimizer step.
+        seed: when given, the random generators are seeded at the start of every optimizer step from (seed, rank,
+            its index in the run) (seeding.seed_step): its mixup / cutmix, drop path and dropout draw the same
+            whatever ran before it, also in a run resumed at that step.
+        resumed_sums: in a run resumed in the middle of this epoch, TrainingStopped.sums of the stopped run
+            (this process's): the returned means then count the epoch's batches before the resumed one too, and
+            equal bit for bit those of the run that never stopped.
 
     Returns:
         {'loss': mean loss, 'lr': mean learning rate} over the epoch's batches and all processes.
@@ -212,10 +235,14 @@ def train_one_epoch(model: nn.Module, criterion: Union[DistillationLoss, CosubLo
     metric_logger = utils.MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     metric_logger.add_meter('img/s', utils.SmoothedValue(fmt='{median:.1f}'))
+    for name, (count, total) in (resumed_sums or {}).items():
+        metric_logger.meters[name].count, metric_logger.meters[name].total = count, total
     header = f'Epoch: [{epoch}]'
     last, step_loss = time.perf_counter(), 0.0
     for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header, device)):
         first_of_step, last_of_step = step % accum_iter == 0, (step + 1) % accum_iter == 0
+        if first_of_step and seed is not None:
+            seeding.seed_step(seed, utils.get_rank(), first_step + step // accum_iter)
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -227,7 +254,7 @@ def train_one_epoch(model: nn.Module, criterion: Union[DistillationLoss, CosubLo
             # Every batch is checked (one collective each, on every process); a stop is taken only before the
             # first batch of an optimizer step, so that it lands between two steps.
             stop = first_of_step and stop_requested is not None and stop_requested()
-            step_loss += _check_step(loss_value, stop, epoch, step, len(data_loader)) / accum_iter
+            step_loss += _check_step(loss_value, stop, epoch, step, len(data_loader), metric_logger) / accum_iter
             if first_of_step:
                 optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss / accum_iter).backward(create_graph=is_second_order)
@@ -244,7 +271,7 @@ def train_one_epoch(model: nn.Module, criterion: Union[DistillationLoss, CosubLo
 
     metric_logger.synchronize_between_processes()
     print('Averaged stats:', metric_logger)
-    return {'loss': metric_logger.meters['loss'].global_avg, 'lr': metric_logger.meters['lr'].global_avg}
+    return {name: metric_logger.meters[name].global_avg for name in _EPOCH_FIGURES}
 
 
 def _num_real_samples(data_loader: Iterable) -> Optional[int]:
@@ -264,6 +291,58 @@ def _num_real_samples(data_loader: Iterable) -> Optional[int]:
 
 
 @torch.no_grad()
+def _evaluate_models(data_loader: Iterable, models_: Sequence[nn.Module], device: torch.device,
+                     amp_dtype: Optional[torch.dtype], head: str, print_freq: int) -> List[Dict[str, float]]:
+    """evaluate() of each of ``models_`` in one pass over ``data_loader``: each batch is loaded once and scored by
+    every model in turn, so each model's figures are those of a pass of its own."""
+    num_real = _num_real_samples(data_loader)
+    autocast = _autocast(device, amp_dtype)
+    loggers = [utils.MetricLogger(delimiter='  ') for _ in models_]
+    # Every process needs the same meters for the reduction, even one that saw only padding.
+    for logger in loggers:
+        for name in ('loss', 'acc1', 'acc5'):
+            logger.add_meter(name, utils.SmoothedValue())
+
+    previous_heads = []
+    try:
+        for model in models_:
+            model.eval()
+            previous_heads.append(models.set_eval_head(model, head))
+        seen = 0
+        for images, target in loggers[0].log_every(data_loader, print_freq, 'Test:', device):
+            images = images.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            keep = target.shape[0] if num_real is None else min(max(num_real - seen, 0), target.shape[0])
+            seen += target.shape[0]
+            for model, logger in zip(models_, loggers):
+                # Every process still runs the full batch, so that all run the same forward passes.
+                with autocast:
+                    output = model(images)
+                if keep == 0:
+                    continue
+                output = output[:keep].float()
+                # Top-5 of fewer than five classes is every class.
+                acc1, acc5 = accuracy(output, target[:keep], topk=(1, min(5, output.shape[1])))
+                logger.meters['loss'].update(F.cross_entropy(output, target[:keep]).item(), n=keep)
+                logger.meters['acc1'].update(acc1.item(), n=keep)
+                logger.meters['acc5'].update(acc5.item(), n=keep)
+    finally:
+        for model, previous in zip(models_, previous_heads):
+            models.set_eval_head(model, previous)
+
+    results = []
+    for logger in loggers:
+        logger.synchronize_between_processes()
+        meters = logger.meters
+        results.append({'acc1': meters['acc1'].global_avg, 'acc5': meters['acc5'].global_avg,
+                        'loss': meters['loss'].global_avg, 'n': meters['acc1'].count})
+    return results
+
+
+def _print_scores(stats: Dict[str, float]) -> None:
+    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}")
+
+
 def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
              head: str = 'avg', print_freq: int = 10) -> Dict[str, float]:
     """Cross-entropy, top-1 and top-5 accuracy (%) of ``model`` on ``data_loader``, weighted by samples.
@@ -281,57 +360,25 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, amp_
     Returns:
         {'acc1', 'acc5', 'loss', 'n'}, n being the number of samples counted.
     """
-    num_real = _num_real_samples(data_loader)
-    autocast = _autocast(device, amp_dtype)
-    metric_logger = utils.MetricLogger(delimiter='  ')
-    # Every process needs the same meters for the reduction, even one that saw only padding.
-    for name in ('loss', 'acc1', 'acc5'):
-        metric_logger.add_meter(name, utils.SmoothedValue())
-
-    model.eval()
-    previous_head = models.set_eval_head(model, head)
-    try:
-        seen = 0
-        for images, target in metric_logger.log_every(data_loader, print_freq, 'Test:', device):
-            images = images.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
-            with autocast:
-                output = model(images)
-            if num_real is not None:
-                # Every process still runs the full batch, so that all run the same forward passes.
-                keep = min(max(num_real - seen, 0), target.shape[0])
-                seen += target.shape[0]
-                output, target = output[:keep], target[:keep]
-            n = target.shape[0]
-            if n == 0:
-                continue
-            output = output.float()
-            # Top-5 of fewer than five classes is every class.
-            acc1, acc5 = accuracy(output, target, topk=(1, min(5, output.shape[1])))
-            metric_logger.meters['loss'].update(F.cross_entropy(output, target).item(), n=n)
-            metric_logger.meters['acc1'].update(acc1.item(), n=n)
-            metric_logger.meters['acc5'].update(acc5.item(), n=n)
-    finally:
-        models.set_eval_head(model, previous_head)
-
-    metric_logger.synchronize_between_processes()
-    meters = metric_logger.meters
-    print(f"* Acc@1 {meters['acc1'].global_avg:.3f} Acc@5 {meters['acc5'].global_avg:.3f} "
-          f"loss {meters['loss'].global_avg:.3f}")
-    return {'acc1': meters['acc1'].global_avg, 'acc5': meters['acc5'].global_avg,
-            'loss': meters['loss'].global_avg, 'n': meters['acc1'].count}
+    stats, = _evaluate_models(data_loader, [model], device, amp_dtype, head, print_freq)
+    _print_scores(stats)
+    return stats
 
 
 def evaluate_all(loader: Iterable, model: nn.Module, model_ema: Optional[nn.Module], device: torch.device,
                  amp_dtype: Optional[torch.dtype], head: str = 'avg') -> Dict[str, float]:
     """Evaluate ``model`` and, when given, its EMA (timm's ModelEmaV3: the weights in ``.module``); print the
-    original's accuracy lines; return their figures as 'test_*' and 'test_ema_*'."""
+    original's accuracy lines, the model's first; return their figures as 'test_*' and 'test_ema_*'.
+
+    Both are scored in one pass over the batches, which are loaded once: the figures equal those of two
+    evaluate() calls.
+    """
     num_images = len(loader.dataset)
-    stats = evaluate(loader, model, device, amp_dtype, head=head)
-    print(f'Accuracy of the network on the {num_images} test images: {stats["acc1"]:.1f}%')
-    result = {f'test_{k}': v for k, v in stats.items()}
-    if model_ema is not None:
-        ema_stats = evaluate(loader, model_ema.module, device, amp_dtype, head=head)
-        print(f'Accuracy of the model EMA on the {num_images} test images: {ema_stats["acc1"]:.1f}%')
-        result.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+    evaluated = [model] + ([model_ema.module] if model_ema is not None else [])
+    result = {}
+    for stats, prefix, name in zip(_evaluate_models(loader, evaluated, device, amp_dtype, head, print_freq=10),
+                                   ('test', 'test_ema'), ('network', 'model EMA')):
+        _print_scores(stats)
+        print(f'Accuracy of the {name} on the {num_images} test images: {stats["acc1"]:.1f}%')
+        result.update({f'{prefix}_{k}': v for k, v in stats.items()})
     return result

@@ -291,8 +291,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                             'used only with a GPU)')
     group.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin memory')
     parser.set_defaults(pin_mem=True)
-    group.add_argument('--persistent-workers', action='store_true',
-                       help='keep the data loading processes between epochs (default: off)')
+    group.add_argument('--persistent-workers', action=argparse.BooleanOptionalAction, default=None,
+                       help='keep the data loading processes from one epoch and evaluation to the next (default: on '
+                            'when --num_workers > 0); --no-persistent-workers starts them anew for each pass')
 
     group = parser.add_argument_group('Distributed')
     group.add_argument('--distributed', action='store_true',
@@ -493,13 +494,13 @@ def main(args: argparse.Namespace) -> None:
     criterion = builders.build_criterion(args, model_without_ddp, nb_classes, device)
 
     # ============ resuming ============
-    max_accuracy, start_step = -math.inf, 0
+    max_accuracy, start_step, start_sums = -math.inf, 0, None
     if args.resume:
         state = checkpoints.restore(args.resume, model_without_ddp, model_ema, optimizer=optimizer, scaler=scaler)
         if 'start_epoch' in state:
             checkpoints.resume_schedule(lr_scheduler, optimizer, state['lr_scheduler'], state['args'], args)
         args.start_epoch = state.get('start_epoch', args.start_epoch)
-        start_step = state.get('start_step', 0)
+        start_step, start_sums = state.get('start_step', 0), state.get('start_sums')
         max_accuracy = state.get('max_accuracy', max_accuracy)
     # Only now, with every input checked and loaded, does the output folder change.
     if output_dir is not None and utils.is_main_process():
@@ -519,27 +520,30 @@ def main(args: argparse.Namespace) -> None:
     with StopRequest() as stop, tensorboard_log.open_writer(
             log_dir, purge_step=args.start_epoch * steps_per_epoch + start_step // args.accum_iter) as log_writer:
         for epoch in range(args.start_epoch, num_epochs):
-            # Re-seeded from (seed, rank, epoch): a resumed run draws what the uninterrupted run drew.
+            # Re-seeded from (seed, rank, epoch), each step and each sample from theirs (seeding.py): a run resumed
+            # at any step draws what the uninterrupted run drew.
             builders.seed_everything(args.seed, utils.get_rank(), epoch)
-            if hasattr(loader_train.sampler, 'set_epoch'):
-                loader_train.sampler.set_epoch(epoch)
+            loader_train.sampler.set_epoch(epoch)
             loader = skip_batches(loader_train, start_step) if start_step else loader_train
             try:
                 train_stats = train_one_epoch(model, criterion, loader, optimizer, device, epoch, scaler, amp_dtype,
                                               args.clip_grad or 0.0, model_ema, mixup_fn,
                                               set_training_mode=args.train_mode, stop_requested=stop.requested,
                                               accum_iter=args.accum_iter, log_writer=log_writer,
-                                              first_step=epoch * steps_per_epoch + start_step // args.accum_iter)
+                                              first_step=epoch * steps_per_epoch + start_step // args.accum_iter,
+                                              seed=args.seed, resumed_sums=start_sums)
             except TrainingStopped as stopped:
                 stopped.step += start_step
-                if output_dir is not None:  # the state after the last applied step, and the step to go on at
+                if output_dir is not None:
+                    # The state after the last applied step, the step to go on at, and the epoch's figures so far.
                     checkpoint = checkpoints.training_checkpoint(epoch - 1, model_without_ddp, model_ema, args,
                                                                  max_accuracy, dataset_train.classes, **training_state)
                     checkpoint['resume_step'] = stopped.step
+                    checkpoint['resume_sums'] = utils.all_gather_object(stopped.sums)  # one per process
                     utils.save_on_master(checkpoint, str(output_dir / 'checkpoint.pth'))
                 stop.report(stopped, len(loader_train), output_dir)
                 raise
-            start_step = 0
+            start_step, start_sums = 0, None
             test_stats = {}
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == num_epochs:
                 test_stats = evaluate_all(loader_val, model, model_ema if ema_on_device else None, device, amp_dtype,

@@ -12,6 +12,8 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -476,4 +478,59 @@ def measure_data_pipeline(files: Sequence[str], transform: Callable, workers: in
                                      'saved_s_per_epoch': first_batch_s['restarted'] - first_batch_s['persistent']}
     else:
         out['persistent_workers'] = {'skipped': 'needs --workers > 0'}
+    return out
+
+
+# ============ epochs of main.py ============
+
+def write_train_val_jpegs(root: str, train_images: int, val_images: int, classes: int = 2) -> None:
+    """``root/{train,val}/<class>/`` of ImageNet-like JPEGs (write_jpegs), the classes in turn: a folder main.py
+    reads with ``--data-set FOLDER``."""
+    for split, n in (('train', train_images), ('val', val_images)):
+        for c in range(classes):
+            folder = os.path.join(root, split, f'class{c}')
+            os.makedirs(folder)
+            write_jpegs(folder, len(range(c, n, classes)), seed=c + (split == 'val') * classes)
+
+
+def main_epoch_seconds(argv: Sequence[str], threads: Optional[int]) -> List[float]:
+    """Wall seconds of each epoch of ``python main.py argv``, training and evaluation: from the line that starts
+    training to each 'Max accuracy' line that ends an epoch, as they are printed (unbuffered).
+
+    The first epoch also starts the DataLoader workers whatever the settings.
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    if threads:
+        env['OMP_NUM_THREADS'] = str(threads)
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'main.py'), *argv]
+    ends, output = [], []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        for line in proc.stdout:
+            if line.startswith(('Start training', 'Max accuracy')):
+                ends.append(time.perf_counter())
+            output.append(line)
+    if proc.returncode != 0:
+        raise RuntimeError(f'main.py exited with status {proc.returncode}: {"".join(output[-20:])}')
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
+def measure_epochs(argv: Sequence[str], threads: Optional[int], rounds: int) -> Dict[str, Any]:
+    """Epoch seconds of ``python main.py argv`` with its default loader (workers kept from one pass to the
+    next) and with --no-persistent-workers, the two run in turn ``rounds`` times.
+
+    Each run's first epoch, which starts the workers in both, is left out of the medians; the ratio is the
+    median over rounds of the paired ratios (restarted / persistent), which cancels the slow spells of a
+    shared machine better than a ratio of medians.
+    """
+    settings = {'persistent': [], 'restarted': ['--no-persistent-workers']}
+    epochs: Dict[str, List[List[float]]] = {name: [] for name in settings}
+    for logger in progress(rounds, 'main.py epochs', settings, '{value:.3f} s'):
+        for name, extra in settings.items():
+            epochs[name].append(main_epoch_seconds([*argv, *extra], threads))
+            logger.update(**{name: statistics.median(epochs[name][-1][1:])})
+    out = {name: {'epoch_s': statistics.median(s for run in runs for s in run[1:]),
+                  'first_epoch_s': statistics.median(run[0] for run in runs), 'runs': runs}
+           for name, runs in epochs.items()}
+    out['ratio_restarted_persistent'] = statistics.median(
+        statistics.median(r[1:]) / statistics.median(p[1:]) for p, r in zip(epochs['persistent'], epochs['restarted']))
     return out

@@ -108,8 +108,9 @@ class _SkipFirst(Sampler):
 def skip_batches(loader: DataLoader, num_batches: int) -> DataLoader:
     """``loader`` without the first ``num_batches`` batches of its epoch: the rest of an epoch that a stop
     interrupted. The sampler skips their indices, so no image of them is read; the order is the one that
-    the epoch's seed (and set_epoch) fixes, as for the interrupted run."""
+    the epoch's seed (and set_epoch) fixes, as for the interrupted run, and the samples keep their seeds
+    (seeding.SeededSampler numbers them before the skip). Its workers serve this one epoch and end with it."""
     return DataLoader(loader.dataset, sampler=_SkipFirst(loader.sampler, num_batches * loader.batch_size),
                       batch_size=loader.batch_size, drop_last=loader.drop_last, num_workers=loader.num_workers,
                       pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
-                      persistent_workers=loader.persistent_workers)
+                      generator=loader.generator)

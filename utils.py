@@ -132,6 +132,15 @@ def all_reduce_sum(values: Sequence[float]) -> List[float]:
     return tensor.tolist()
 
 
+def all_gather_object(obj: Any) -> List[Any]:
+    """The ``obj`` of every process, by rank (picklable objects); ``[obj]`` outside a distributed run."""
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    gathered: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 class SmoothedValue:
     """A series of values: median / average over a recent window, and a global (weighted) average."""
 

@@ -175,9 +175,32 @@ def test_tiny_run_writes_every_figure(tmp_path, capsys):
     assert set(data['persistent_workers']['epoch_start_s']) == {'persistent', 'restarted'}
     assert 'skipped' in data['pin_memory']
 
+    assert r['epoch'] == {'skipped': 'main.py builds --model without --model-kwargs'}
+
     assert 'ours/timm' in proc.stdout and 'DataLoader with 2 workers' in proc.stdout
 
     # the GPU script's runs skip parts: the table then leaves their rows out instead of failing
     benchmark.print_table(dict(r, train_teacher={'skipped': 'no --teacher-model'}, data={'skipped': '--skip-data'}))
     table = capsys.readouterr().out
     assert '\ntrain ' in table and 'train_teacher' not in table and 'DataLoader' not in table
+
+
+def test_epochs_of_main_py_with_and_without_persistent_workers(tmp_path, capsys):
+    """The epoch row: main.py's epochs with its default loader and with --no-persistent-workers, each run's
+    first epoch (which starts the workers) left out, and the table's line."""
+    measure.write_train_val_jpegs(str(tmp_path), 12, 3)
+    assert sorted(p.name for p in (tmp_path / 'train').iterdir()) == ['class0', 'class1']
+    assert len(list((tmp_path / 'train' / 'class1').iterdir())) == 6 and len(list(tmp_path.glob('val/*/*'))) == 3
+    argv = ['--model', 'test_vit', '--input-size', '32', '--data-set', 'FOLDER', '--data-path', str(tmp_path),
+            '--batch-size', '4', '--num_workers', '1', '--epochs', '2', '--device', 'cpu']
+    epochs = measure.measure_epochs(argv, threads=1, rounds=1)
+    for name in ('persistent', 'restarted'):
+        (first, second), = epochs[name]['runs']
+        assert 0 < second == epochs[name]['epoch_s'] and epochs[name]['first_epoch_s'] == first
+    assert epochs['ratio_restarted_persistent'] == epochs['restarted']['epoch_s'] / epochs['persistent']['epoch_s']
+    results = {'command': 'benchmark.py', 'machine': measure.machine_info(torch.device('cpu')),
+               'epoch': dict(epochs, batch_size=4, workers=1, train_images=12, val_images=3)}
+    benchmark.print_table(results)
+    assert (f"epoch of main.py (1 workers, batch 4, 12 training and 3 validation images): "
+            f"{epochs['persistent']['epoch_s']:.3f} s, {epochs['restarted']['epoch_s']:.3f} s with "
+            f"--no-persistent-workers (x{epochs['ratio_restarted_persistent']:.3f})") in capsys.readouterr().out

@@ -7,6 +7,7 @@ import math
 import os
 import re
 from contextlib import redirect_stdout
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -274,11 +275,55 @@ def test_evaluate_plain_model_with_fewer_than_five_classes():
     assert result['acc1'] == pytest.approx(expected['acc1']) and result['loss'] == pytest.approx(expected['loss'])
 
 
+class CountingDataset(torch.utils.data.Dataset):
+    """``dataset``, counting the samples loaded."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset, self.loads = dataset, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        self.loads += 1
+        return self.dataset[index]
+
+
+def test_the_model_and_its_ema_are_scored_in_one_pass_with_the_figures_of_two():
+    """evaluate_all loads each batch once and gives each model exactly the figures of an evaluate() of its own;
+    the printed lines are the model's, then the EMA's."""
+    dataset = CountingDataset(fixed_dataset(37))
+    loader = DataLoader(dataset, batch_size=10)
+    model, ema = tiny(distilled=True, seed=0), tiny(distilled=True, seed=1)  # the EMA's weights differ
+    separate = [run_evaluate(loader, m, CPU)[0] for m in (model, ema)]
+    assert separate[0] != separate[1]
+    dataset.loads = 0
+    out = io.StringIO()
+    with redirect_stdout(out):
+        both = engine.evaluate_all(loader, model, SimpleNamespace(module=ema), CPU, None)
+    assert dataset.loads == 37
+    assert both == {**{f'test_{k}': v for k, v in separate[0].items()},
+                    **{f'test_ema_{k}': v for k, v in separate[1].items()}}
+    lines = [line for line in out.getvalue().splitlines() if line.startswith(('* ', 'Accuracy'))]
+    assert lines == [
+        f"* Acc@1 {separate[0]['acc1']:.3f} Acc@5 {separate[0]['acc5']:.3f} loss {separate[0]['loss']:.3f}",
+        f"Accuracy of the network on the 37 test images: {separate[0]['acc1']:.1f}%",
+        f"* Acc@1 {separate[1]['acc1']:.3f} Acc@5 {separate[1]['acc5']:.3f} loss {separate[1]['loss']:.3f}",
+        f"Accuracy of the model EMA on the 37 test images: {separate[1]['acc1']:.1f}%"]
+
+
 # ============ two processes (gloo) ============
 
 # (dataset size, batch size, shuffle): 13 samples over 2 processes pads one; with batch 3 the padded
 # sample is alone in the last batch of process 1. 5 over 2 with batch 2 pads inside a batch.
 DIST_CASES = [(13, 3, False), (13, 4, True), (5, 2, True)]
+
+
+def swapped_heads(model: nn.Module) -> nn.Module:
+    """A copy of the distilled ``model`` whose class head holds the distillation head's weights."""
+    other = copy.deepcopy(model)
+    other.head.load_state_dict(model.head_dist.state_dict())
+    return other
 
 
 def _distributed_worker(rank: int, world_size: int, tmp: str) -> None:
@@ -288,13 +333,16 @@ def _distributed_worker(rank: int, world_size: int, tmp: str) -> None:
     try:
         model = tiny(distilled=True)
         model.load_state_dict(torch.load(os.path.join(tmp, 'model.pth'), weights_only=True))
-        report = {'eval': []}
+        report = {'eval': [], 'eval_all': []}
         for n, batch_size, shuffle in DIST_CASES:
             dataset = fixed_dataset(n)
             sampler = DistributedSampler(dataset, shuffle=shuffle, drop_last=False, seed=3)
             loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
             report['eval'].append({head: engine.evaluate(loader, model, CPU, head=head, print_freq=100)
                                    for head in ('avg', 'cls')})
+            # one pass for a model and its EMA (here the model with its heads swapped), with the same padding
+            report['eval_all'].append(engine.evaluate_all(loader, model, SimpleNamespace(module=swapped_heads(model)),
+                                                          CPU, None, head='cls'))
         # Only process 1 sees a NaN, at step 1: both must stop there, before the optimizer step.
         train_model = tiny()
         ddp_model = DistributedDataParallel(train_model)  # a process that went on would wait in its all-reduce
@@ -324,6 +372,7 @@ def test_two_process_gloo_evaluation_equals_single_process_and_nan_stops_both(tm
     reports = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2)]
 
     for case, (n, batch_size, _) in enumerate(DIST_CASES):
+        loader = DataLoader(fixed_dataset(n), batch_size=batch_size)
         for head in ('avg', 'cls'):
             single, _ = run_evaluate(DataLoader(fixed_dataset(n), batch_size=batch_size), model, CPU, head=head)
             assert single['n'] == n
@@ -332,6 +381,15 @@ def test_two_process_gloo_evaluation_equals_single_process_and_nan_stops_both(tm
                 assert distributed['n'] == n, (case, head)
                 for key in ('acc1', 'acc5', 'loss'):
                     assert distributed[key] == pytest.approx(single[key], rel=1e-5), (case, head, key)
+
+        single = {f'test_{k}': v for k, v in run_evaluate(loader, model, CPU, head='cls')[0].items()}
+        single.update({f'test_ema_{k}': v
+                       for k, v in run_evaluate(loader, swapped_heads(model), CPU, head='cls')[0].items()})
+        assert single['test_acc1'] != single['test_ema_acc1'] or single['test_loss'] != single['test_ema_loss']
+        for report in reports:
+            assert report['eval_all'][case].keys() == single.keys()
+            for key, value in single.items():
+                assert report['eval_all'][case][key] == pytest.approx(value, rel=1e-5), (case, key)
 
     for rank, report in enumerate(reports):
         assert report['error'] is not None, f'process {rank} did not stop'

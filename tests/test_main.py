@@ -222,17 +222,25 @@ def test_optimizer_gets_the_scaled_lr_and_fused_adamw_on_request():
     assert builders.build_optimizer(args, model, torch.device('cpu')).defaults['fused'] is True
 
 
-def test_channels_last_teacher_and_persistent_workers(tmp_path, image_folder):
+def test_channels_last_teacher(tmp_path):
     teacher = timm.create_model('resnet10t', num_classes=3)
     torch.save({'model': teacher.state_dict()}, tmp_path / 'teacher.pth')
     args = parse('--teacher-model', 'resnet10t', '--teacher-path', str(tmp_path / 'teacher.pth'), '--channels-last')
     loaded = builders.build_teacher(args, 3, torch.device('cpu'))
     assert loaded.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
-    args = parse('--data-set', 'FOLDER', '--data-path', str(image_folder), '--input-size', '32', '--num_workers', '1',
-                 '--persistent-workers')
+
+
+@pytest.mark.parametrize('flags, persistent', [
+    (['--num_workers', '1'], True),  # the default with workers
+    (['--num_workers', '1', '--persistent-workers'], True),
+    (['--num_workers', '1', '--no-persistent-workers'], False),
+    (['--num_workers', '0'], False),
+])
+def test_loader_workers_persist_by_default(flags, persistent, image_folder):
+    args = parse('--data-set', 'FOLDER', '--data-path', str(image_folder), '--input-size', '32', *flags)
     args.distributed = False
     _, _, loader_train, loader_val, _ = builders.build_data(args, torch.device('cpu'))
-    assert loader_train.persistent_workers and loader_val.persistent_workers
+    assert loader_train.persistent_workers is loader_val.persistent_workers is persistent
 
 
 @pytest.mark.parametrize('flag, sampler', [([], 'RandomSampler'), (['--repeated-aug'], 'RASampler')])
@@ -241,7 +249,7 @@ def test_repeated_augmentation_in_one_process_on_request(flag, sampler, image_fo
                  *flag)
     args.distributed = False
     _, _, loader_train, loader_val, _ = builders.build_data(args, torch.device('cpu'))
-    assert type(loader_train.sampler).__name__ == sampler
+    assert type(loader_train.sampler.sampler).__name__ == sampler  # inside seeding.SeededSampler
     assert isinstance(loader_val.sampler, torch.utils.data.SequentialSampler)
 
 
@@ -496,12 +504,12 @@ def test_seed_command_builds_its_model_and_data_pipeline(command, image_folder):
     assert args.distillation_type == 'none' or args.teacher_model == 'regnety_002'
     main.check_args(args)
     args.distributed = False
-    _, dataset_val, loader_train, loader_val, nb_classes = builders.build_data(args, torch.device('cpu'))
+    dataset_train, dataset_val, loader_train, loader_val, nb_classes = builders.build_data(args, torch.device('cpu'))
     assert nb_classes == 3 and len(dataset_val) == 11
     images, labels = next(iter(loader_val))
     assert images.shape == (11, 3, args.input_size, args.input_size)
     if loader_train is not None:
-        image, _ = loader_train.dataset[0]
+        image, _ = dataset_train[0]
         assert image.shape == (3, args.input_size, args.input_size)
     model = builders.create_model(args.model, args.input_size, num_classes=nb_classes, drop_rate=args.drop,
                               drop_path_rate=args.drop_path).eval()

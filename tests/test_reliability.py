@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_image_folder
@@ -36,6 +37,7 @@ import engine
 import main
 import models
 import samplers
+import seeding
 import stopping
 import utils
 
@@ -54,14 +56,15 @@ def digits_flags(*extra: str) -> List[str]:
 
 
 def logged_epochs(output_dir: Path) -> List[int]:
-    return [json.loads(line)['epoch'] for line in (output_dir / 'log.txt').read_text().splitlines()]
+    log = output_dir / 'log.txt'
+    return [json.loads(line)['epoch'] for line in log.read_text().splitlines()] if log.exists() else []
 
 
 def optimizer_steps(checkpoint: Dict) -> int:
     """The number of updates AdamW applied: its per-parameter step count (all parameters train)."""
     counts = {int(state['step']) for state in checkpoint['optimizer']['state'].values()}
-    assert len(counts) == 1, counts
-    return counts.pop()
+    assert len(counts) <= 1, counts
+    return counts.pop() if counts else 0  # no state before the first update
 
 
 # ============ training processes ============
@@ -73,22 +76,18 @@ def _hold(marker: str) -> None:
     time.sleep(60)
 
 
-def _train(argv: List[str], output: str, env: Dict[str, str], hold_in: Optional[Tuple[str, int, str]],
-           deterministic: bool) -> None:
+def _train(argv: List[str], output: str, env: Dict[str, str], hold_in: Optional[Tuple[str, int, str]]) -> None:
     """Body of a forked training process: ``python main.py argv`` with its output in the file ``output`` and
     ``env`` added to its environment (DEIT_TEST_PAUSE_AT, the variables torchrun sets for a rank).
 
     ``hold_in`` = ('write' | 'eval', k, marker): the run's k-th checkpoint write (counted from 0) stops half-way,
     as the write of a large checkpoint takes seconds, or its k-th evaluation before it starts; then ``marker``
-    is created and the process waits to be killed. ``deterministic``: training images get the (deterministic)
-    evaluation transform.
+    is created and the process waits to be killed.
     """
     torch.set_num_threads(1)
     os.setpgrp()  # its own process group, with its DataLoader workers, as a job step on a cluster
     os.environ.update(env)
     sys.stdout = sys.stderr = open(output, 'w', buffering=1)
-    if deterministic:
-        datasets.build_transform = lambda is_train, args: datasets.build_eval_transform(args.input_size)
     mode, k, marker = hold_in or ('', -1, '')
     calls = itertools.count()
     if mode == 'write':
@@ -114,17 +113,20 @@ def _train(argv: List[str], output: str, env: Dict[str, str], hold_in: Optional[
             return evaluate(*args, **kwargs)
 
         engine.evaluate = hold_and_evaluate
-    main.cli(argv)
+    try:
+        main.cli(argv)
+    finally:
+        # What the interpreter's exit does (atexit), which a forked process skips: without it, multiprocessing's
+        # exit would wait for the DataLoader workers that an exception left alive (they ignore its SIGTERM).
+        stopping.end_workers_at_exit()
 
 
 _started: List[multiprocessing.Process] = []
 
 
 def start_training(argv: List[str], output: Path, env: Optional[Dict[str, str]] = None,
-                   hold_in: Optional[Tuple[str, int, str]] = None, deterministic: bool = False
-                   ) -> multiprocessing.Process:
-    process = multiprocessing.get_context('fork').Process(
-        target=_train, args=(argv, str(output), env or {}, hold_in, deterministic))
+                   hold_in: Optional[Tuple[str, int, str]] = None) -> multiprocessing.Process:
+    process = multiprocessing.get_context('fork').Process(target=_train, args=(argv, str(output), env or {}, hold_in))
     process.start()
     _started.append(process)
     return process
@@ -143,14 +145,13 @@ def end_training_processes():
 
 def start_ranks(argv: List[str], outputs: List[Path], env: Optional[Dict[str, str]] = None
                 ) -> List[multiprocessing.Process]:
-    """The processes of a gloo group, one per output file, with the environment torchrun gives its workers;
-    deterministic training images (see _train)."""
+    """The processes of a gloo group, one per output file, with the environment torchrun gives its workers."""
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(('127.0.0.1', 0))
         port = sock.getsockname()[1]
     group = {'WORLD_SIZE': str(len(outputs)), 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)}
-    return [start_training(argv, output, {**group, 'RANK': str(rank), 'LOCAL_RANK': str(rank), **(env or {})},
-                           deterministic=True) for rank, output in enumerate(outputs)]
+    return [start_training(argv, output, {**group, 'RANK': str(rank), 'LOCAL_RANK': str(rank), **(env or {})})
+            for rank, output in enumerate(outputs)]
 
 
 def wait_for(condition: Callable[[], bool], process: multiprocessing.Process, timeout: float = 120.0) -> bool:
@@ -246,88 +247,147 @@ def test_log_lines_of_epochs_trained_again_are_dropped(tmp_path):
     assert log.stat().st_mtime_ns == before
 
 
-# ============ 2. graceful stop ============
+# ============ 2. graceful stop: the stopped run equals the run that never stopped ============
+
+# Where the runs are stopped: batches drawn from this seed (DEIT_TEST_STOP_SEED; printed with the plan).
+STOP_SEED = int(os.environ.get('DEIT_TEST_STOP_SEED', '0'))
+# The default recipe's runs: 120 images in batches of 4, two batches per optimizer step.
+RECIPE_EPOCHS, RECIPE_BATCHES, RECIPE_STEPS = 3, 120 // 4, 120 // 4 // 2
 
 
-def test_sigterm_and_sigusr1_save_the_step_reached_and_the_run_continues_from_it(image_folder, tmp_path):
-    """SIGTERM to the whole process group (DataLoader worker included) while the run is held at epoch 1, step
-    4 (the test-only switch DEIT_TEST_PAUSE_AT): the step under way is abandoned, the state after the 4 steps
-    applied is saved with the step to resume at, and the process exits with main.EXIT_STOPPED. The resumed
-    run continues from that step, and SIGUSR1 stops it again 3 steps further on; the last one finishes: 2
-    epochs of 15 steps, each step applied exactly once."""
-    out = tmp_path / 'out'
-    argv = folder_flags(image_folder, '--batch-size', '8', '--epochs', '2', '--num_workers', '1',
-                        '--output_dir', str(out))
-    steps_per_epoch = 120 // 8
-    # (signal, the step of the run's own loader it is held at, the step of epoch 1 reached)
-    for run, (signum, held_at, step) in enumerate([(signal.SIGTERM, 4, 4), (signal.SIGUSR1, 3, 7)]):
+def recipe_flags(folder: Path, *extra: str) -> List[str]:
+    """main.py's default recipe (RandAugment, random erasing, mixup, cutmix, drop path, EMA) in RECIPE_EPOCHS
+    epochs of RECIPE_STEPS optimizer steps, each of two batches of 4 (--accum-iter 2)."""
+    return ['--model', 'test_vit', '--input-size', '32', '--device', 'cpu', '--data-set', 'FOLDER', '--data-path',
+            str(folder), '--batch-size', '4', '--accum-iter', '2', '--epochs', str(RECIPE_EPOCHS),
+            '--model-ema-decay', '0.9', *extra]
+
+
+@pytest.fixture(scope='module')
+def recipe_run(image_folder, tmp_path_factory) -> Path:
+    """The output folder of the default recipe run through in one process, without DataLoader workers."""
+    out = tmp_path_factory.mktemp('through') / 'out'
+    process = start_training(recipe_flags(image_folder, '--num_workers', '0', '--output_dir', str(out)),
+                             out.parent / 'output.txt')
+    process.join(300)
+    assert process.exitcode == 0, (out.parent / 'output.txt').read_text()[-3000:]
+    return out
+
+
+def assert_same_run(through: Path, out: Path) -> None:
+    """The runs that wrote ``through`` and ``out`` ended with the same weights, EMA, optimizer state and best
+    accuracy, bit for bit, and wrote the same log.txt (it holds no timing)."""
+    a, b = (utils.load_checkpoint(str(d / 'checkpoint.pth')) for d in (through, out))
+    assert a['epoch'] == b['epoch'] and 'resume_step' not in b
+    for key in ('model', 'model_ema'):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
+    assert a['optimizer']['param_groups'] == b['optimizer']['param_groups']
+    for state_a, state_b in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert a['max_accuracy'] == b['max_accuracy']
+    assert (out / 'log.txt').read_text() == (through / 'log.txt').read_text()
+
+
+def run_with_stops(argv: List[str], out: Path, tmp_path: Path, held: List[Tuple[int, int]],
+                   signals: List[signal.Signals]) -> None:
+    """Run ``argv`` (writing ``out``) to its end, held at each (epoch, batch) of ``held`` in turn and stopped there
+    by the matching signal to its process group (DataLoader workers included), then restarted with the same
+    command. A stop lands between two optimizer steps: at the batch held, or after the step's second batch."""
+    resumed_at = None
+    for run, ((epoch, batch), signum) in enumerate(zip(held, signals)):
         output, marker = tmp_path / f'run{run}.txt', tmp_path / f'run{run}.held'
-        process = start_training(argv, output, {'DEIT_TEST_PAUSE_AT': f'0:1:{held_at}:{marker}'})
+        # The hook counts the batches of the run's own loader: in the epoch resumed, from the batch resumed at.
+        hold = batch - resumed_at[1] if resumed_at is not None and resumed_at[0] == epoch else batch
+        process = start_training(argv, output, {'DEIT_TEST_PAUSE_AT': f'0:{epoch}:{hold}:{marker}'})
         assert wait_for(marker.exists, process), output.read_text()[-3000:]
         os.killpg(process.pid, signum)
         process.join(60)
         text = output.read_text()
         assert process.exitcode == main.EXIT_STOPPED, text[-3000:]
+        stop = batch + batch % 2
+        assert f'Stopped by {signum.name} at epoch {epoch}, step {stop} of {RECIPE_BATCHES}' in text
+        assert text.rstrip().endswith(f'training stopped at epoch {epoch}, step {stop}')
         state = utils.load_checkpoint(str(out / 'checkpoint.pth'))
-        assert state['epoch'] == 0 and state['resume_step'] == step
-        assert optimizer_steps(state) == steps_per_epoch + step
-        assert f'Stopped by {signum.name} at epoch 1, step {step} of {steps_per_epoch}' in text
-        if run:
-            assert 'continuing at epoch 1, step 4' in text
-    assert logged_epochs(out) == [0]
-
+        assert state['epoch'] == epoch - 1 and state['resume_step'] == stop
+        assert optimizer_steps(state) == epoch * RECIPE_STEPS + stop // 2  # the step under way was not applied
+        assert logged_epochs(out) == list(range(epoch))
+        resumed_at = (epoch, stop)
     process = start_training(argv, tmp_path / 'last.txt')
     process.join(120)
     assert process.exitcode == 0, (tmp_path / 'last.txt').read_text()[-3000:]
-    final = utils.load_checkpoint(str(out / 'checkpoint.pth'))
-    assert final['epoch'] == 1 and 'resume_step' not in final
-    assert optimizer_steps(final) == 2 * steps_per_epoch
-    assert logged_epochs(out) == [0, 1]
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_its_step_and_the_resumed_run_equals_the_uninterrupted_one(
+def test_a_run_stopped_at_three_steps_equals_the_run_that_never_stopped(recipe_run, image_folder, tmp_path):
+    """The default recipe, one process: stopped by SIGTERM, SIGUSR1, SIGTERM at a batch of each epoch drawn from
+    a seeded generator (held there by the test-only switch DEIT_TEST_PAUSE_AT), and resumed each time by the same
+    command. It ends with the weights, EMA, optimizer state and log.txt of the run that went through, bit for
+    bit: the rest of each stopped epoch draws the augmentations, mixup / cutmix and drop path that the
+    uninterrupted run drew, and its train_loss counts the batches before the stop."""
+    rng = random.Random(f'{STOP_SEED}:one process')
+    held = [(epoch, rng.randrange(RECIPE_BATCHES - 1)) for epoch in range(RECIPE_EPOCHS)]
+    print(f'held at (epoch, batch): {held} (DEIT_TEST_STOP_SEED={STOP_SEED})')
+    out = tmp_path / 'out'
+    run_with_stops(recipe_flags(image_folder, '--num_workers', '0', '--output_dir', str(out)), out, tmp_path, held,
+                   [signal.SIGTERM, signal.SIGUSR1, signal.SIGTERM])
+    assert_same_run(recipe_run, out)
+
+
+def test_a_run_with_two_workers_stopped_twice_in_an_epoch_equals_the_run_without_workers(recipe_run, image_folder,
+                                                                                        tmp_path):
+    """As above with --num_workers 2, whose workers persist from epoch to epoch: two stops in one epoch, the
+    second in the part of it that a resumed run reads, then one in the last epoch. The run equals, bit for bit,
+    the one that went through without workers: each sample's augmentations are drawn in whichever process loads
+    it from the same seeds, and loading leaves the training process's generators as they were (the second
+    batch of each step is loaded after the step's draws began)."""
+    rng = random.Random(f'{STOP_SEED}:two workers')
+    first, second = sorted(rng.sample(range(0, RECIPE_BATCHES - 1, 2), 2))  # whole steps apart
+    epoch = rng.randrange(RECIPE_EPOCHS - 1)
+    held = [(epoch, first + rng.randrange(2)), (epoch, second), (RECIPE_EPOCHS - 1, rng.randrange(RECIPE_BATCHES - 1))]
+    print(f'held at (epoch, batch): {held} (DEIT_TEST_STOP_SEED={STOP_SEED})')
+    out = tmp_path / 'out'
+    run_with_stops(recipe_flags(image_folder, '--num_workers', '2', '--output_dir', str(out)), out, tmp_path, held,
+                   [signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR1])
+    assert_same_run(recipe_run, out)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_and_the_resumed_pair_equals_the_pair_that_never_stopped(
         image_folder, tmp_path):
-    """Two gloo processes (started with torchrun's environment); process 1 alone, held at epoch 1, step 2, gets
-    SIGTERM. Both abandon that step and exit with main.EXIT_STOPPED; process 0 saves. Resumed, the pair ends
-    with the weights, EMA and optimizer state of a pair that ran through.
+    """Two gloo processes (started with torchrun's environment), the default recipe with repeated augmentation.
+    Process 1 alone gets SIGTERM, held at a step of each epoch (seeded): both processes abandon that step and exit
+    with main.EXIT_STOPPED; process 0 saves. Resumed each time, the pair ends with the weights, EMA, optimizer
+    state and log.txt of a pair that ran through, bit for bit."""
+    flags = recipe_flags(image_folder, '--num_workers', '0', '--accum-iter', '1')
+    steps = 60 // 4  # 60 images per process and epoch: 120 over 2 processes, each image 3 times, cut to 120
+    rng = random.Random(f'{STOP_SEED}:two processes')
+    held = [(epoch, rng.randrange(steps)) for epoch in range(RECIPE_EPOCHS)]
+    print(f'held at (epoch, step): {held} (DEIT_TEST_STOP_SEED={STOP_SEED})')
+    through, out = tmp_path / 'through', tmp_path / 'out'
 
-    The training images get the evaluation transform, and mixup and drop path are off: a resumed epoch does not
-    draw again the random augmentations of the batches it skips, so only a deterministic pipeline can be
-    compared bit for bit.
-    """
-    flags = folder_flags(image_folder, '--batch-size', '8', '--epochs', '2', '--mixup', '0', '--cutmix', '0',
-                         '--drop-path', '0', '--model-ema-decay', '0.9')
-    through, out, marker = tmp_path / 'through', tmp_path / 'out', tmp_path / 'held'
-
-    def run(output_dir: Path, name: str, env: Optional[Dict[str, str]] = None,
-            signal_rank_1: bool = False) -> List[str]:
+    def run(output_dir: Path, name: str, held_at: Optional[Tuple[int, int]] = None) -> List[str]:
         outputs = [tmp_path / f'{name}{rank}.txt' for rank in range(2)]
+        marker = tmp_path / f'{name}.held'
+        env = {'DEIT_TEST_PAUSE_AT': f'1:{held_at[0]}:{held_at[1]}:{marker}'} if held_at else None
         ranks = start_ranks([*flags, '--output_dir', str(output_dir)], outputs, env)
-        if signal_rank_1:
+        if held_at:
             assert wait_for(marker.exists, ranks[1]), outputs[1].read_text()[-3000:]
             os.kill(ranks[1].pid, signal.SIGTERM)
         for process in ranks:
             process.join(120)
         texts = [output.read_text() for output in outputs]
-        expected = main.EXIT_STOPPED if signal_rank_1 else 0
+        expected = main.EXIT_STOPPED if held_at else 0
         assert [p.exitcode for p in ranks] == [expected] * 2, '\n'.join(t[-2000:] for t in texts)
         return texts
 
     run(through, 'through')
-    texts = run(out, 'stopped', {'DEIT_TEST_PAUSE_AT': f'1:1:2:{marker}'}, signal_rank_1=True)
-    assert all('training stopped at epoch 1, step 2' in text for text in texts)
-    assert 'Stopped by a stop request on another process at epoch 1, step 2 of' in texts[0]
-    state = utils.load_checkpoint(str(out / 'checkpoint.pth'))
-    assert state['epoch'] == 0 and state['resume_step'] == 2
+    for stop, (epoch, step) in enumerate(held):
+        texts = run(out, f'stopped{stop}', (epoch, step))
+        assert all(text.rstrip().endswith(f'training stopped at epoch {epoch}, step {step}') for text in texts)
+        assert f'Stopped by a stop request on another process at epoch {epoch}, step {step} of {steps}' in texts[0]
+        state = utils.load_checkpoint(str(out / 'checkpoint.pth'))
+        assert state['epoch'] == epoch - 1 and state['resume_step'] == step
+        assert optimizer_steps(state) == epoch * steps + step
     run(out, 'resumed')
-
-    a, b = (utils.load_checkpoint(str(d / 'checkpoint.pth')) for d in (through, out))
-    assert a['epoch'] == b['epoch'] == 1 and 'resume_step' not in b
-    for key in ('model', 'model_ema'):
-        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
-    for state_a, state_b in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
-        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
-    assert logged_epochs(out) == [0, 1]
+    assert_same_run(through, out)
 
 
 def test_stop_request_takes_only_signals_left_at_their_default():
@@ -376,6 +436,53 @@ def test_skipping_batches_of_a_resumed_epoch_reads_the_rest_of_the_same_order():
     rest = stopping.skip_batches(loader, 5)
     assert len(rest) == len(full) - 5
     assert [batch[0].tolist() for batch in rest] == full[5:]
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Item i: what torch, numpy and random draw when it is loaded, the generators that augmentations use."""
+
+    def __len__(self) -> int:
+        return 50
+
+    def __getitem__(self, index: int) -> Tuple[float, float, float]:
+        return torch.rand(1).item(), float(np.random.rand()), random.random()
+
+
+def test_each_sample_draws_from_its_key_and_leaves_the_training_process_generators_as_they_were():
+    dataset = seeding.SeededDataset(_Draws())
+    builders.seed_everything(5)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    draws = dataset[(3, (0, 0, 1, 7))]
+    assert dataset[(4, (0, 0, 1, 7))] == draws  # the key decides, not the index or what was drawn before
+    keys = [(0, 0, 1, 7), (0, 0, 1, 8), (0, 0, 2, 7), (0, 1, 1, 7), (1, 0, 1, 7)]  # each word changed in turn
+    assert len({dataset[(0, key)] for key in keys}) == len(keys)
+    assert torch.equal(torch.get_rng_state(), before[0]) and (np.random.get_state()[1] == before[1]).all()
+    assert random.getstate() == before[2]
+    # Repeated augmentation in one process: the copies of an image follow each other, each augmented its own way.
+    copies = list(itertools.islice(seeding.SeededSampler(samplers.RASampler(range(50), 1, 0), seed=0, rank=0), 3))
+    assert len({index for index, _ in copies}) == 1 and len({dataset[item] for item in copies}) == 3
+
+
+def test_a_resumed_epoch_keeps_the_seeds_of_its_samples():
+    loader = DataLoader(seeding.SeededDataset(_Draws()), batch_size=4, drop_last=True, generator=torch.Generator(),
+                        sampler=seeding.SeededSampler(RandomSampler(range(50)), seed=0, rank=0))
+    loader.sampler.set_epoch(3)
+    builders.seed_everything(0, 0, 3)
+    full = [torch.stack(batch).tolist() for batch in loader]
+    builders.seed_everything(0, 0, 3)
+    assert [torch.stack(batch).tolist() for batch in stopping.skip_batches(loader, 5)] == full[5:]
+
+
+def test_the_figures_of_a_stopped_epoch_resume_on_the_process_that_summed_them(capsys):
+    """resume_sums holds one entry per process; under another number of processes they cannot be matched, and
+    the resumed epoch's figures count its remaining batches only, as a note says."""
+    checkpoint = {'epoch': 2, 'resume_step': 6, 'resume_sums': [{'loss': (6, 7.5), 'lr': (6, 0.006)}]}
+    assert checkpoints._resumed_sums(checkpoint, 'ck.pth') == {'loss': (6, 7.5), 'lr': (6, 0.006)}
+    assert checkpoints._resumed_sums({'epoch': 2}, 'ck.pth') is None
+    checkpoint['resume_sums'] *= 2
+    assert checkpoints._resumed_sums(checkpoint, 'ck.pth') is None
+    assert 'ck.pth was written by 2 process(es) and this run has 1: the train_loss and train_lr of epoch 3 average ' \
+           'its batches from step 6 on only' in capsys.readouterr().out
 
 
 def test_unreadable_images_met_by_two_processes_are_counted_once(tmp_path):
