@@ -19,21 +19,20 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from timm.scheduler import create_scheduler
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
 
 import builders
 import checkpoints
 import models
 import tensorboard_log
 import utils
-from datasets import DATA_SETS, INAT_CATEGORIES, CorruptImageError, corrupt_count_all
+from datasets import DATA_SETS, INAT_CATEGORIES, CorruptImageError, report_skipped
 from engine import NonFiniteLossError, TrainingStopped, evaluate_all, train_one_epoch
 from losses import DISTILLATION_TYPES
 from stopping import StopRequest, skip_batches
@@ -265,10 +264,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--eval-crop-ratio', default=0.875, type=float,
                        help='center-crop ratio of evaluation (default: %(default)s)')
     group.add_argument('--eval-every', '--eval_every', default=1, type=int, metavar='N',
-                       help='evaluate after every N-th epoch and after the last (default: %(default)s, every epoch, as '
-                            'the original); the other epochs\' log.txt lines hold the training figures only, and '
-                            'best_checkpoint.pth is judged on the evaluated epochs. Where evaluation costs much next '
-                            'to an epoch (small training sets), a larger N saves that time')
+                       help='evaluate after every N-th epoch and after the last (default: %(default)s, as the '
+                            'original); saves time where evaluating costs much next to an epoch (small datasets)')
     group.add_argument('--dist-eval', action='store_true',
                        help='split the evaluation over the processes instead of evaluating on each (default: off)')
 
@@ -397,16 +394,6 @@ def check_paths(args: argparse.Namespace) -> None:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ValueError(f'--output_dir {args.output_dir}: {existing} is not writable: choose another '
                              '--output_dir, or make it writable')
-
-
-def report_skipped(dataset_train: Optional[Dataset], dataset_val: Dataset) -> Dict[str, int]:
-    """--skip-corrupt: print how many unreadable image files were skipped so far, over all processes, and return
-    the counts as log.txt keys. Cumulative over epochs: a file is tried once, then always skipped."""
-    counts = {'train_skipped_images': corrupt_count_all(dataset_train)} if dataset_train is not None else {}
-    counts['test_skipped_images'] = corrupt_count_all(dataset_val)
-    print('Unreadable images skipped so far (--skip-corrupt): '
-          + ', '.join(f'{n} in {"training" if k.startswith("train") else "evaluation"}' for k, n in counts.items()))
-    return counts
 
 
 def git_revision() -> str:
