@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-METHODS = {'rollout': 'attention rollout over all blocks (Abnar & Zuidema, 2020)',
-           'last': 'last block, mean over heads'}
+from attention import METHODS
 
 
 class MissingPackage(ImportError):
