@@ -105,14 +105,14 @@ def _train(argv: List[str], output: str, env: Dict[str, str], hold_in: Optional[
 
         torch.save = save_and_hold
     elif mode == 'eval':
-        evaluate = engine.evaluate
+        evaluate = engine._evaluate_models  # one pass per epoch scores the model and its EMA
 
         def hold_and_evaluate(*args, **kwargs):
             if next(calls) == k:
                 _hold(marker)
             return evaluate(*args, **kwargs)
 
-        engine.evaluate = hold_and_evaluate
+        engine._evaluate_models = hold_and_evaluate
     try:
         main.cli(argv)
     finally:
@@ -187,7 +187,7 @@ KILL_STEPS = 120 // 32
 
 def test_sigkill_at_chosen_moments_leaves_a_checkpoint_that_resumes_to_the_end(image_folder, tmp_path):
     """12 SIGKILLs, at moments drawn from a seeded generator: during start-up, at a training step, at the start
-    of an evaluation (model or EMA), and half-way through a checkpoint write (checkpoint.pth or
+    of an evaluation (model and EMA in one pass), and half-way through a checkpoint write (checkpoint.pth or
     best_checkpoint.pth). Each run is held at its moment and says so with a marker file, so the kill lands
     there on a loaded machine as on a fast one. After each, checkpoint.pth is absent only if no epoch ever
     ended, else it loads and never goes back; --resume then finishes the run with every epoch trained and
@@ -208,8 +208,8 @@ def test_sigkill_at_chosen_moments_leaves_a_checkpoint_that_resumes_to_the_end(i
         elif mode == 'step':
             point, arrived = (done + rng.randrange(2), rng.randrange(KILL_STEPS)), marker.exists
             env = {'DEIT_TEST_PAUSE_AT': f'0:{point[0]}:{point[1]}:{marker}'}
-        else:  # two evaluations (model, EMA) and one or two writes per epoch: k falls in the first two epochs
-            point, arrived = rng.randrange(4 if mode == 'eval' else 3), marker.exists
+        else:  # one evaluation (model and EMA in one pass) and one or two writes per epoch: k falls in the first two
+            point, arrived = rng.randrange(2 if mode == 'eval' else 3), marker.exists
             hold_in = (mode, point, str(marker))
         context = f'run {run}, kill at {mode} {point}, from epoch {done} (DEIT_TEST_KILL_SEED={KILL_SEED})'
         print(context)
