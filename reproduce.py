@@ -157,8 +157,11 @@ def plan_grid(setting: Setting, seeds: int, variants: Optional[List[str]] = None
 
 
 def plan_sweep(setting: Setting, seeds: int) -> List[Run]:
-    """The grid of SWEEP_VARIANTS at each training fraction, seed by seed across the fractions."""
-    grids = [plan_grid(setting, seeds, list(SWEEP_VARIANTS), fraction, f'f{fraction:g}/')
+    """The grid of SWEEP_VARIANTS at each training fraction, seed by seed across the fractions. At the claims grid's
+    fraction the runs are the grid's own (same names, same folder): in the grid's --output_dir they are trained once
+    for both."""
+    grids = [plan_grid(setting, seeds, list(SWEEP_VARIANTS), fraction,
+                       '' if fraction == setting.fraction else f'f{fraction:g}/')
              for fraction in reproduce_data.FRACTIONS]
     per_seed = len(grids[0]) // seeds
     return [run for seed in range(seeds) for grid in grids for run in grid[seed * per_seed:(seed + 1) * per_seed]]
@@ -343,7 +346,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     what = parser.add_mutually_exclusive_group()
     what.add_argument('--sweep', action='store_true',
                       help='the gain of hard distillation over none, from each teacher kind, at 1/8, 1/4 and 1/2 of '
-                           'the training scans (default: off, the claims grid)')
+                           'the training scans; its report goes to <output_dir>/sweep, and the runs at 1/2 are the '
+                           'claims grid\'s, trained once for both (default: off, the claims grid)')
     what.add_argument('--time-split', action='store_true',
                       help=f'after the grid: where a run\'s time goes, {TIME_SPLIT_EPOCHS} epochs of its first '
                            'hard-distilled student run as reproduce.py ran them before and as it runs them now; '
@@ -353,7 +357,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                            '(default: off)')
     parser.add_argument('--output_dir', '--output-dir', default=None,
                         help='folder of the runs, report.md, results.json and the figures (default: reproduce_out, '
-                             'reproduce_sweep or reproduce_probe)')
+                             'reproduce_probe with --probe)')
     parser.add_argument('--quick', action='store_true',
                         help='one seed, two epochs per run, 1/8 of the training images and a quarter of the test '
                              'images: checks the whole pipeline in about a minute; its figures mean nothing '
@@ -422,8 +426,8 @@ def prepare(args: argparse.Namespace) -> Job:
     setting = SETTINGS[name]
     seeds = args.seeds or (1 if args.quick else DEFAULT_SEEDS[kind])
     args.jobs = args.jobs or (1 if device.type == 'cuda' else min(os.cpu_count() or 1, 8))
-    out = Path(args.output_dir or f'reproduce_{"out" if kind == "grid" else kind}')
-    check_setting(out, f'{kind}, {name}', setting)
+    out = Path(args.output_dir or ('reproduce_probe' if kind == 'probe' else 'reproduce_out'))
+    check_setting(out, name, setting)
     job = Job(kind, name, setting, seeds, out)
     if kind == 'probe':
         job.data = {reproduce_data.POOL_END: reproduce_data.probe_folder(out)}
@@ -483,8 +487,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         measured = {**measure(job, torch.device(args.device)),
                     'probe_images': len(reproduce_data.split_indices(reproduce_data.POOL_END)['probe']),
                     'time_split': json.loads(split.read_text()) if split.exists() else None}
-        reproduce_report.write(job.out, made, setting, measured, sweep=job.kind == 'sweep')
-    print(f'wrote {job.out / "report.md"}, {job.out / "results.json"} and the figures in {job.out}')
+        reports = job.out / 'sweep' if job.kind == 'sweep' else job.out
+        reports.mkdir(exist_ok=True)
+        reproduce_report.write(reports, made, setting, measured, sweep=job.kind == 'sweep')
+    reports = job.out / 'sweep' if job.kind == 'sweep' else job.out
+    print(f'wrote {reports / "report.md"}, {reports / "results.json"} and the figures in {reports}')
 
 
 if __name__ == '__main__':

@@ -129,7 +129,7 @@ def grid(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope='module')
 def sweep(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp('sweep')
-    return out, quick(out, '--sweep')
+    return out / 'sweep', quick(out, '--sweep')
 
 
 RUN_KEYS = {'variant', 'seed', 'teacher_seed', 'train_images', 'epochs', 'curve', 'final'}
@@ -223,7 +223,7 @@ def test_the_probe_chose_the_lengths_the_grid_uses():
     assert probe['choices'][probe['convnet_teacher']]['epochs'] == setting.convnet_epochs
 
 
-@pytest.mark.parametrize('name', ['reproduce_default', 'reproduce_sweep'])
+@pytest.mark.parametrize('name', ['reproduce_default', 'reproduce_default/sweep'])
 def test_committed_report_was_written_by_the_code_in_the_tree(name):
     made = committed(name)['made']
     revision = made['git']
@@ -240,7 +240,8 @@ def readme_findings() -> str:
 
 
 def test_every_figure_of_the_readme_findings_tables_is_in_the_committed_reports():
-    reports = ''.join((RESULTS / name / 'report.md').read_text() for name in ('reproduce_default', 'reproduce_sweep')
+    reports = ''.join((RESULTS / name / 'report.md').read_text() for name in ('reproduce_default',
+                                                                               'reproduce_default/sweep')
                       if (RESULTS / name / 'report.md').exists())
     if not reports:
         pytest.skip('no committed report')
