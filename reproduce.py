@@ -59,8 +59,8 @@ VARIANTS = {
     'two_class_tokens': (STUDENT_DISTILLED, ['--dist-head-on-labels'], None),
 }
 SWEEP_VARIANTS = ('none', 'hard_convnet', 'hard_transformer')
-# Seeds of the teachers of student seed k: TEACHER_SEED + k. A transformer teacher with the student's own seed would
-# be the 'none' run itself, bit for bit. The probe runs use seeds of their own too.
+# Seed of the convnet teacher of student seed k: TEACHER_SEED + k (the transformer teachers: see teacher_of). The
+# probe runs use seeds of their own too.
 TEACHER_SEED, PROBE_SEED = 1000, 2000
 HEADS = ('cls', 'dist', 'avg')
 EXIT_FAILED, EXIT_USER_ERROR, EXIT_STOPPED = 1, 2, 3
@@ -125,34 +125,32 @@ def epochs_at(epochs: int, fraction: float, setting: Setting) -> int:
 # ============ plans ============
 
 
-def _student_runs(setting: Setting, seed: int, variants: List[str], prefix: str, fraction: float) -> List[Run]:
-    runs = []
-    for variant in variants:
-        model, flags, teacher = VARIANTS[variant]
-        runs.append(Run(f'{prefix}{variant}/seed{seed}', model, epochs_at(setting.student_epochs, fraction, setting),
-                        seed, flags, teacher=f'{prefix}teacher_{teacher}/seed{seed}' if teacher else None,
-                        variant=variant, fraction=fraction,
-                        warmup_epochs=epochs_at(setting.warmup_epochs, fraction, setting)))
-    return runs
-
-
-def _teacher_runs(setting: Setting, seed: int, prefix: str, fraction: float) -> List[Run]:
-    lengths = {'convnet': setting.convnet_epochs, 'transformer': setting.student_epochs}
-    return [Run(f'{prefix}teacher_{kind}/seed{seed}', model, epochs_at(lengths[kind], fraction, setting),
-                TEACHER_SEED + seed, [], variant=f'teacher_{kind}', fraction=fraction,
-                warmup_epochs=epochs_at(setting.warmup_epochs, fraction, setting))
-            for kind, model in TEACHER_MODELS.items()]
+def teacher_of(kind: str, seed: int, seeds: int, prefix: str = '') -> str:
+    """The run that teaches student seed ``seed`` of ``seeds``: the convnet teacher of that seed; for the
+    transformer, the plain DeiT-Ti ('none') of the next seed, cyclically. The paper's transformer teacher is a DeiT
+    trained with the students' recipe, which is what that run is, at no extra cost; its seed differs from the
+    student's, and it is no student's baseline in the same pair (see reproduce_report's claims)."""
+    return f'{prefix}teacher_convnet/seed{seed}' if kind == 'convnet' else f'{prefix}none/seed{(seed + 1) % seeds}'
 
 
 def plan_grid(setting: Setting, seeds: int, variants: Optional[List[str]] = None,
               fraction: Optional[float] = None, prefix: str = '') -> List[Run]:
-    """Seed by seed, its two teachers, then its students: a grid stopped early is a complete grid of fewer seeds."""
+    """Seed by seed, its convnet teacher, then its students (each waits for its teacher)."""
     fraction = setting.fraction if fraction is None else fraction
     variants = list(VARIANTS) if variants is None else variants
+    if 'hard_transformer' in variants and 'none' not in variants:
+        raise ValueError('the transformer teachers are the plain DeiT-Ti runs ("none"): plan them too')
+    warmup, epochs = (epochs_at(e, fraction, setting) for e in (setting.warmup_epochs, setting.student_epochs))
     runs = []
     for seed in range(seeds):
-        runs += _teacher_runs(setting, seed, prefix, fraction) + _student_runs(setting, seed, variants, prefix,
-                                                                               fraction)
+        runs.append(Run(f'{prefix}teacher_convnet/seed{seed}', TEACHER_MODELS['convnet'],
+                        epochs_at(setting.convnet_epochs, fraction, setting), TEACHER_SEED + seed, [],
+                        variant='teacher_convnet', fraction=fraction, warmup_epochs=warmup))
+        for variant in variants:
+            model, flags, teacher = VARIANTS[variant]
+            runs.append(Run(f'{prefix}{variant}/seed{seed}', model, epochs, seed, flags,
+                            teacher=teacher and teacher_of(teacher, seed, seeds, prefix), variant=variant,
+                            fraction=fraction, warmup_epochs=warmup))
     return runs
 
 
@@ -163,7 +161,7 @@ def plan_sweep(setting: Setting, seeds: int) -> List[Run]:
     grids = [plan_grid(setting, seeds, list(SWEEP_VARIANTS), fraction,
                        '' if fraction == setting.fraction else f'f{fraction:g}/')
              for fraction in reproduce_data.FRACTIONS]
-    per_seed = len(grids[0]) // seeds
+    per_seed = len(grids[0]) // seeds  # runs per seed of one fraction
     return [run for seed in range(seeds) for grid in grids for run in grid[seed * per_seed:(seed + 1) * per_seed]]
 
 
@@ -256,7 +254,7 @@ def analyse(run: Run, folder: Path, job: 'Job', loader: DataLoader, device: torc
 
 def measure(job: 'Job', device: torch.device) -> Dict[str, Any]:
     """Every run's record (results.json's 'runs'), and per training fraction the test images' labels and sources."""
-    tests, runs = {}, []
+    tests, runs, by_name = {}, [], {run.name: run for run in job.runs}
     for fraction in sorted(job.data):
         loader = test_loader(job, fraction)
         tests[fraction] = {'loader': loader, 'labels': [t for _, t in loader.dataset.samples],
@@ -271,10 +269,9 @@ def measure(job: 'Job', device: torch.device) -> Dict[str, Any]:
         for head, predicted in analysis['predictions'].items():
             hits = np.asarray(predicted) == labels
             final[head], final_val[head] = 100 * hits.mean(), 100 * hits[is_val].mean()
-        teacher = VARIANTS.get(run.variant, (None, None, None))[2]
         runs.append({
             'name': run.name, 'variant': run.variant, 'model': run.model, 'seed': run.seed,
-            'teacher_seed': TEACHER_SEED + run.seed if teacher else None, 'teacher': run.teacher,
+            'teacher_seed': by_name[run.teacher].seed if run.teacher else None, 'teacher': run.teacher,
             'fraction': run.fraction, 'train_images': len(reproduce_data.split_indices(run.fraction)['train']),
             'epochs': run.epochs, 'steps': run.epochs * steps_per_epoch(run.fraction, job.setting.batch_size),
             'curve': [[line['epoch'] + 1, line['test_acc1']] for line in read_log(folder) if 'test_acc1' in line],

@@ -124,7 +124,7 @@ def sweep(judged: List[Dict[str, Any]], per_fraction: Dict[str, Dict[str, Any]],
     gain_ax.set_xlabel('training images per class')
     gain_ax.set_ylabel('gain over no distillation (points of top-1, 95% CI)')
     gain_ax.legend(fontsize=8)
-    for i, variant in enumerate(('none', 'hard_convnet', 'hard_transformer', 'teacher_convnet', 'teacher_transformer')):
+    for i, variant in enumerate(('none', 'hard_convnet', 'hard_transformer', 'teacher_convnet')):
         x = [f['sizes']['train'] / 10 for f in per_fraction.values()]
         y = [f['accuracy'][variant]['avg']['test']['mean'] for f in per_fraction.values()]
         s = [f['accuracy'][variant]['avg']['test']['std'] for f in per_fraction.values()]

@@ -253,21 +253,23 @@ def token_summary(table: Dict[str, Dict[int, Dict[str, Any]]]) -> Dict[str, Dict
     return result
 
 
-def teacher_summary(table: Dict[str, Dict[int, Dict[str, Any]]]) -> Dict[str, Any]:
-    """The teachers over seeds, and the gaps: convnet - transformer teacher, transformer teacher - plain student,
-    each paired by seed (the teachers of student seed k against each other and against that student)."""
+def teacher_summary(table: Dict[str, Dict[int, Dict[str, Any]]], runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The teachers of the students of each seed, over seeds, and the gaps paired by student seed: convnet -
+    transformer teacher, convnet teacher - plain student. The transformer teacher of seed k is a plain DeiT-Ti run
+    (reproduce.teacher_of), found in ``runs`` by the name the hard-distilled student recorded."""
     seeds = complete_seeds(table)
+    by_name = {r['name']: r for r in runs}
+    teachers = {'convnet': [table['teacher_convnet'][s] for s in seeds],
+                'transformer': [by_name[table['hard_transformer'][s]['teacher']] for s in seeds]}
 
-    def acc(variant: str) -> np.ndarray:
-        return np.asarray([table[variant][s]['final']['avg'] for s in seeds])
+    def acc(records: List[Dict[str, Any]], key: str = 'final') -> np.ndarray:
+        return np.asarray([r[key]['avg'] for r in records])
 
-    gaps = {'convnet - transformer teacher': acc('teacher_convnet') - acc('teacher_transformer'),
-            'transformer teacher - plain student (none)': acc('teacher_transformer') - acc('none')}
-    return {'teachers': {t: {'model': table[f'teacher_{t}'][seeds[0]]['model'],
-                             'epochs': table[f'teacher_{t}'][seeds[0]]['epochs'],
-                             'test': mean_std(acc(f'teacher_{t}')),
-                             'val': mean_std([table[f'teacher_{t}'][s]['final_val']['avg'] for s in seeds])}
-                         for t in ('convnet', 'transformer')},
+    gaps = {'convnet - transformer teacher': acc(teachers['convnet']) - acc(teachers['transformer']),
+            'convnet teacher - plain student (none)': acc(teachers['convnet']) - acc([table['none'][s] for s in seeds])}
+    return {'teachers': {t: {'model': r[0]['model'], 'epochs': r[0]['epochs'], 'test': mean_std(acc(r)),
+                             'val': mean_std(acc(r, 'final_val')), 'seeds': [x['seed'] for x in r]}
+                         for t, r in teachers.items()},
             'gaps': {name: verdicts.paired(list(g)).to_dict() for name, g in gaps.items()}}
 
 # ============ report.md ============
@@ -295,10 +297,13 @@ def describe(setting: Dict[str, Any], sizes: Dict[str, int], probe: Dict[str, st
         f'Length: {setting["student_epochs"]} epochs for every student and for the transformer teachers '
         f'({probe["student"]}); {setting["convnet_epochs"]} epochs for the convnet teachers ({probe["convnet"]}). A '
         'run at another training fraction keeps the number of optimizer steps (more epochs of fewer images).',
-        'Teachers: student seed k learns from the teachers of seed k, trained with seed 1000 + k, so that a claim '
-        'about teachers holds over teachers. The transformer teacher is a plain DeiT-Ti with the students\' recipe '
-        'and length (the paper\'s DeiT-B teacher of DeiT-B students): as converged, its accuracy is the plain '
-        'student\'s, and the report shows the gap.',
+        'Teachers: student seed k learns from the convnet teacher of seed k (trained with seed 1000 + k) and, as its '
+        'transformer teacher, from the plain DeiT-Ti of seed k + 1 (cyclically): a DeiT-Ti with the students\' '
+        'recipe and length, as the paper\'s DeiT-B teacher of DeiT-B students, trained once for both uses. Each '
+        'student has teachers of its own, so that a claim about teachers holds over teachers, not over one model of '
+        'each kind; the teacher of a hard-distilled student is never the baseline it is compared with (the plain '
+        'DeiT-Ti of its own seed). A plain run teaching the previous seed\'s student makes neighbouring differences '
+        '"hard (transformer) - none" slightly anti-correlated, which widens their interval: conservative.',
         'Every head is measured on the final weights (not the best epoch\'s, which would select on the test images). '
         f'Training curves are evaluated every {setting["eval_every"]} epochs (main.py --eval-every).',
     ]
@@ -498,7 +503,7 @@ def grid_results(measured: Dict[str, Any], fraction: float) -> Dict[str, Any]:
     labels = measured['tests'][fraction]['labels']
     return {'sizes': _sizes(measured, fraction), 'table': table, 'runs': runs,
             'claims': judge(grid_claims(table)), 'accuracy': accuracy_summary(table),
-            'teachers': teacher_summary(table), 'tokens': token_summary(table), 'table4': table4(table, labels),
+            'teachers': teacher_summary(table, runs), 'tokens': token_summary(table), 'table4': table4(table, labels),
             'convergence': convergence(table), 'unstable': unstable(table), 'time_split': measured.get('time_split')}
 
 
@@ -531,7 +536,8 @@ def write_sweep(out: Path, made: Dict[str, Any], setting: Dict[str, Any], measur
     tables = {f: by_seed([r for r in measured['runs'] if r['fraction'] == f]) for f in fractions}
     judged = judge(sweep_claims(tables))
     per_fraction = {f'{f:g}': {'sizes': _sizes(measured, f), 'accuracy': accuracy_summary(tables[f]),
-                               'teachers': teacher_summary(tables[f]), 'convergence': convergence(tables[f]),
+                               'teachers': teacher_summary(tables[f], measured['runs']),
+                               'convergence': convergence(tables[f]),
                                'unstable': unstable(tables[f])} for f in fractions}
     sizes = per_fraction[f'{fractions[-1]:g}']['sizes']
     setting = {**setting, 'description': describe({**setting, 'fraction': fractions[-1]}, sizes, setting['chosen_by'])}

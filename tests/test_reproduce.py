@@ -144,7 +144,7 @@ def test_quick_writes_the_report_and_every_record(grid):
         assert f'| {reproduce_report.VARIANT_NAMES[variant]} |' in report, variant
     assert '81.8 (T5)' in report and '| 0.171 | 0.000 | 0.133 |' in report  # the paper's column and Table 4
     results = json.loads((out / 'results.json').read_text())
-    assert len(results['runs']) == 2 + len(reproduce.VARIANTS)
+    assert len(results["runs"]) == 1 + len(reproduce.VARIANTS)  # one teacher run: the transformer teacher is "none"
     for r in results['runs']:
         assert RUN_KEYS <= set(r), r['name']
         assert (r['teacher_seed'] is None) == (reproduce.VARIANTS.get(r['variant'], (0, 0, None))[2] is None)
@@ -178,7 +178,7 @@ def test_started_again_it_skips_every_finished_run(grid):
     out, _ = grid
     logs = {path: path.read_bytes() for path in (out / 'runs').rglob('log.txt')}
     checkpoints = {path: path.stat().st_mtime_ns for path in (out / 'runs').rglob('checkpoint.pth')}
-    assert len(logs) == len(checkpoints) == 2 + len(reproduce.VARIANTS)
+    assert len(logs) == len(checkpoints) == 1 + len(reproduce.VARIANTS)
     again = quick(out)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     skipped = [line for line in again.stdout.splitlines()
@@ -251,3 +251,14 @@ def test_every_figure_of_the_readme_findings_tables_is_in_the_committed_reports(
     assert figures
     missing = [c for c in figures if c not in reports]
     assert not missing, missing
+
+
+def test_each_student_has_teachers_of_its_own_and_never_its_baseline_as_teacher():
+    runs = {r.name: r for r in reproduce.plan_grid(reproduce.SETTINGS['default'], 4)}
+    for seed in range(4):
+        convnet, transformer = (runs[f'hard_{kind}/seed{seed}'].teacher for kind in ('convnet', 'transformer'))
+        assert convnet == f'teacher_convnet/seed{seed}' and runs[convnet].seed == reproduce.TEACHER_SEED + seed
+        assert transformer == f'none/seed{(seed + 1) % 4}' != f'none/seed{seed}'
+        assert runs[transformer].epochs == runs[f'none/seed{seed}'].epochs  # the students' length
+    teachers = [runs[f'hard_transformer/seed{seed}'].teacher for seed in range(4)]
+    assert len(set(teachers)) == 4  # one teacher per student seed
