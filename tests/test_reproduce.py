@@ -127,8 +127,10 @@ def grid(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope='module')
-def sweep(tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp('sweep')
+def sweep(grid):
+    """--sweep --quick in the grid's folder, as a user runs it after the grid: the grid's runs (at 1/8 with --quick)
+    are skipped, the other fractions trained."""
+    out, _ = grid
     return out / 'sweep', quick(out, '--sweep')
 
 
@@ -192,6 +194,8 @@ def test_started_again_it_skips_every_finished_run(grid):
 def test_sweep_quick_trains_each_fraction_and_writes_the_gain_curve(sweep):
     out, done = sweep
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    skipped = [line for line in done.stdout.splitlines() if line.startswith('skip run ')]
+    assert len(skipped) == 4  # the grid's convnet teacher, none, hard_convnet and hard_transformer
     results = json.loads((out / 'results.json').read_text())
     sizes = sorted({r['train_images'] for r in results['runs']})
     assert sizes == [177, 357, 719]
