@@ -1,19 +1,20 @@
 """The distillation findings of the paper's section 5 (DeiT, Touvron et al. 2020), at small scale and offline.
 
+    python reproduce.py --probe                  # the probe runs that chose the lengths and the convnet teacher
     python reproduce.py                          # the claims grid, into reproduce_out/
     python reproduce.py --sweep                  # the gain of hard distillation against the training-set size
-    python reproduce.py --probe                  # the probe runs that chose the grid's lengths (results/probe)
-    python reproduce.py --quick --output_dir q   # one seed, two epochs per run: checks the pipeline in a minute
+    python reproduce.py --time-split             # after the grid: where a run's time goes, before and after
+    python reproduce.py --quick --output_dir q   # one seed, a few steps per run: checks the pipeline
 
 On the built-in DIGITS data (real 8x8 scans of handwritten digits, upscaled to 32 pixels; reproduce_data.py says
-which images train, which choose settings and which test), main.py trains convnet teachers (RegNetY, the paper's
-family) and transformer teachers (a plain DeiT-Ti with the students' own recipe and length, as the paper's DeiT-B
-teacher of DeiT-B students), then DeiT-Ti students over several seeds: without distillation (the paper's "none"),
-distilled soft and hard from the convnet, hard from the transformer, and the control with a second class token in
-place of the distillation token (main.py --dist-head-on-labels). Student seed k learns from the teachers of seed
-k, so that the claims about teachers hold over teachers, not over one model of each kind. analyze.py's functions
-then measure each head's predictions, the class and distillation tokens, and the agreement with each teacher;
-reproduce_report.py judges the claims (verdicts.py) and writes report.md, results.json and the figures.
+which images train, which choose settings and which test), main.py trains convnet teachers (the probe's choice)
+and DeiT-Ti students over several seeds: without distillation (the paper's "none"), distilled soft and hard from
+the convnet, hard from a transformer teacher (a plain DeiT-Ti of another seed, as the paper's DeiT-B teacher of
+DeiT-B students), and the control with a second class token in place of the distillation token (main.py
+--dist-head-on-labels). Each student seed has teachers of its own (teacher_of), so that the claims about teachers
+hold over teachers, not over one model of each kind. analyze.py's functions then measure each head's predictions,
+the class and distillation tokens, and the agreement with each teacher; reproduce_report.py judges the claims
+(verdicts.py) and writes report.md, results.json and the figures.
 
 Each run is `python main.py ...` in a forked child (which spares it the import of torch and timm), its output in
 <output_dir>/runs/<run>/stdout.txt. A run whose folder holds done.json is finished and skipped when the script
