@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import timm
@@ -38,9 +37,10 @@ from torch.utils.data import DataLoader, SequentialSampler
 import builders
 import models
 import utils
+from attention import METHODS, attention_maps
 from checkpoints import load_weights
 from datasets import DATA_SETS, INAT_CATEGORIES, CorruptImageError, build_eval_transform
-from figures import METHODS, MissingPackage, plot_attention, plot_curves, read_log
+from figures import MissingPackage, plot_attention, plot_curves, read_log
 
 HEADS = ('cls', 'dist', 'avg')
 DEFAULT_MODEL = 'deit_base_patch16_224'  # main.py's --model default
@@ -148,16 +148,20 @@ def token_cosines(model: nn.Module, loader: DataLoader, device: torch.device,
     """Cosine similarity of the class and distillation tokens (paper, section 5.1).
 
     Returns:
-        {'params': cos(cls_token, dist_token) of the learned parameters, 'blocks': [after block i, the mean over
-        the images of cos(x[:, 0], x[:, 1]) of the block's output (before the final norm)] for each block}
+        {'params': cos(cls_token, dist_token) of the learned parameters,
+         'blocks': for each block i, the mean over the images of cos(x[:, 0], x[:, 1]) of its output x,
+         'blocks_normed': the same after the model's final norm (what the heads read after the last block)}
     """
     _require_distilled(model, 'tokens')
     model.to(device).eval()
-    sums = torch.zeros(len(model.blocks), dtype=torch.float64, device=device)
+    sums = torch.zeros(2, len(model.blocks), dtype=torch.float64, device=device)  # [before / after the norm, block]
 
     def record(index: int):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:  # output: [B, N + 2, D]
-            sums[index] += F.cosine_similarity(output[:, 0].float(), output[:, 1].float(), dim=-1).sum()
+            tokens = output[:, :2].float()  # [B, 2, D]: class, distillation
+            normed = model.norm(tokens)  # LayerNorm acts per token: the same as norming the whole sequence
+            for row, x in enumerate((tokens, normed)):
+                sums[row, index] += F.cosine_similarity(x[:, 0], x[:, 1], dim=-1).sum()
         return hook
 
     handles = [block.register_forward_hook(record(i)) for i, block in enumerate(model.blocks)]
@@ -171,7 +175,31 @@ def token_cosines(model: nn.Module, loader: DataLoader, device: torch.device,
         for handle in handles:
             handle.remove()
     params = F.cosine_similarity(model.cls_token.flatten().float(), model.dist_token.flatten().float(), dim=0)
-    return {'params': params.item(), 'blocks': (sums / total).tolist()}
+    blocks, blocks_normed = (sums / total).tolist()
+    return {'params': params.item(), 'blocks': blocks, 'blocks_normed': blocks_normed}
+
+
+@torch.no_grad()
+def token_movement(model: nn.Module, initial: nn.Module) -> Dict[str, float]:
+    """How the learned class and distillation tokens of ``model`` relate, at initialisation (``initial``, the same
+    architecture before training) and now.
+
+    Returns:
+        {'cos_init': cos(cls_token, dist_token) of ``initial``, 'cos_end': the same of ``model``,
+         'moved_cls': ||cls_token - its initial value|| / ||initial value||, 'moved_dist': the same for dist_token}
+    """
+    _require_distilled(model, 'tokens')
+    _require_distilled(initial, 'tokens')
+
+    def cos(m: nn.Module) -> float:
+        return F.cosine_similarity(m.cls_token.flatten().float(), m.dist_token.flatten().float(), dim=0).item()
+
+    def moved(name: str) -> float:
+        start, end = getattr(initial, name).float(), getattr(model, name).float()
+        return ((end - start).norm() / start.norm()).item()
+
+    return {'cos_init': cos(initial), 'cos_end': cos(model), 'moved_cls': moved('cls_token'),
+            'moved_dist': moved('dist_token')}
 
 
 @torch.no_grad()
@@ -220,63 +248,6 @@ def disagreement(predictions: Sequence[torch.Tensor]) -> torch.Tensor:
     stacked = torch.stack([p.flatten().cpu() for p in predictions])  # [M, N]
     return (stacked[:, None, :] != stacked[None, :, :]).double().mean(dim=-1)
 
-
-@contextmanager
-def _attention_probabilities(model: nn.Module) -> Iterator[List[torch.Tensor]]:
-    """Inside the block, a forward pass appends each block's attention probabilities [B, heads, N, N] to the list.
-
-    The fused kernel (scaled_dot_product_attention) never materialises them, so it is switched off for the
-    pass: timm's unfused path computes softmax(q k^T * scale) and hands it to attn_drop, whose input the hook
-    records (in eval mode attn_drop changes nothing).
-    """
-    blocks = getattr(model, 'blocks', None)
-    if blocks is None or not all(hasattr(getattr(b, 'attn', None), 'attn_drop') for b in blocks):
-        raise ValueError(f'{type(model).__name__} has no transformer blocks with timm attention: attention maps '
-                         'need a ViT / DeiT model')
-    attns = [block.attn for block in blocks]
-    captured: List[torch.Tensor] = []
-    fused = [attn.fused_attn for attn in attns]
-    handles = [attn.attn_drop.register_forward_hook(lambda m, inputs, output: captured.append(inputs[0].float()))
-               for attn in attns]
-    try:
-        for attn in attns:
-            attn.fused_attn = False
-        yield captured
-    finally:
-        for attn, was_fused in zip(attns, fused):
-            attn.fused_attn = was_fused
-        for handle in handles:
-            handle.remove()
-
-
-@torch.no_grad()
-def attention_maps(model: nn.Module, image: torch.Tensor, method: str = 'rollout') -> torch.Tensor:
-    """Where each extra token (class, then distillation) looks in one image: [T, h, w] over the patch grid.
-
-    Args:
-        image: [3, H, W], normalised as the model's input (datasets.build_eval_transform).
-        method: 'last': the last block's attention of the token to each patch, averaged over heads;
-            'rollout': attention rollout (Abnar & Zuidema, 2020): per block A' = (mean over heads + I) / 2,
-            rows renormalised, multiplied through the blocks, read at the token's row.
-    """
-    if method not in METHODS:
-        raise ValueError(f'unknown attention method {method!r}; choose one of {", ".join(METHODS)}')
-    model.eval()
-    device = next(model.parameters()).device
-    with _attention_probabilities(model) as attentions:
-        model(image.unsqueeze(0).to(device))
-    per_block = [a[0].mean(dim=0) for a in attentions]  # [N, N] each, heads averaged
-    if method == 'last':
-        flow = per_block[-1]
-    else:
-        eye = torch.eye(per_block[0].shape[0], device=per_block[0].device)
-        flow = eye
-        for attention in per_block:
-            mixed = (attention + eye) / 2  # the residual connection carries each token's own half
-            flow = (mixed / mixed.sum(dim=-1, keepdim=True)) @ flow
-    num_extra = model.num_prefix_tokens
-    h, w = model.patch_embed.grid_size
-    return flow[:num_extra, num_extra:].reshape(num_extra, h, w).cpu()
 
 # ============ command line ============
 
@@ -401,8 +372,9 @@ def run_tokens(args: argparse.Namespace) -> None:
     figures = token_cosines(model, loader, device, builders.amp_dtype_of(args.precision, device))
     print(f'cos(class token, distillation token) over {len(loader.dataset)} images (paper: 0.06 for the learned '
           'tokens, 0.93 after the last block)')
-    rows = [('learned tokens', figures['params'])] + [(f'after block {i}', c) for i, c in enumerate(figures['blocks'])]
-    print(_table(('where', 'cosine'), rows))
+    rows = [('learned tokens', figures['params'], '')] + [
+        (f'after block {i}', c, n) for i, (c, n) in enumerate(zip(figures['blocks'], figures['blocks_normed']))]
+    print(_table(('where', 'cosine', 'after the final norm'), rows))
     _write_json(args.json, figures)
 
 

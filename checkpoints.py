@@ -164,9 +164,10 @@ def training_checkpoint(epoch: int, model: nn.Module, model_ema: Optional[ModelE
     return checkpoint
 
 
-def save_epoch(output_dir: Path, log_stats: Dict[str, Any], checkpoint: Dict[str, Any], is_best: bool) -> None:
+def save_epoch(output_dir: Path, log_stats: Dict[str, Any], checkpoint: Dict[str, Any], is_best: bool,
+               latest: bool = True) -> None:
     """End of an epoch, on the master process: its line in log.txt, then best_checkpoint.pth when ``is_best``,
-    then checkpoint.pth.
+    then checkpoint.pth when ``latest`` (main.py --checkpoint-every).
 
     The line goes first: a kill in between leaves the line of an epoch that the resumed run trains and logs
     again (drop_log_lines_from), never a resumed epoch without its line. best_checkpoint.pth goes before
@@ -177,7 +178,8 @@ def save_epoch(output_dir: Path, log_stats: Dict[str, Any], checkpoint: Dict[str
             f.write(json.dumps(log_stats) + '\n')
     if is_best:
         utils.save_on_master(checkpoint, str(output_dir / 'best_checkpoint.pth'))
-    utils.save_on_master(checkpoint, str(output_dir / 'checkpoint.pth'))
+    if latest:
+        utils.save_on_master(checkpoint, str(output_dir / 'checkpoint.pth'))
 
 
 def drop_log_lines_from(log: Path, epoch: int) -> None:

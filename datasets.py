@@ -29,7 +29,7 @@ import json
 import os
 import random
 import warnings
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -261,6 +261,16 @@ def corrupt_count_all(dataset: Dataset) -> int:
     gathered: List[Optional[List[str]]] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, files)
     return len(set().union(*gathered))
+
+
+def report_skipped(dataset_train: Optional[Dataset], dataset_val: Dataset) -> Dict[str, int]:
+    """--skip-corrupt: print how many unreadable image files were skipped so far, over all processes, and return
+    the counts as log.txt keys. Cumulative over epochs: a file is tried once, then always skipped."""
+    counts = {'train_skipped_images': corrupt_count_all(dataset_train)} if dataset_train is not None else {}
+    counts['test_skipped_images'] = corrupt_count_all(dataset_val)
+    print('Unreadable images skipped so far (--skip-corrupt): '
+          + ', '.join(f'{n} in {"training" if k.startswith("train") else "evaluation"}' for k, n in counts.items()))
+    return counts
 
 
 def image_folder(root: str, transform: Optional[Callable] = None, skip_corrupt: bool = False) -> ImageFileDataset:

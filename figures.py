@@ -8,15 +8,14 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-METHODS = {'rollout': 'attention rollout over all blocks (Abnar & Zuidema, 2020)',
-           'last': 'last block, mean over heads'}
+from attention import METHODS
 
 
 class MissingPackage(ImportError):
     """An optional package (matplotlib) that a figure needs is not installed."""
 
 
-def _figure(width: float, height: float, dpi: int) -> Any:
+def figure(width: float, height: float, dpi: int) -> Any:
     """A matplotlib Figure drawn by the Agg backend (no pyplot state); saved without cropping, it is exactly
     width x height inches at ``dpi``."""
     try:
@@ -39,7 +38,7 @@ def plot_attention(image: torch.Tensor, maps: torch.Tensor, method: str, out: st
     """
     mean, std = (torch.tensor(v)[:, None, None] for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     rgb = (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()  # [H, W, 3] in [0, 1]
-    fig = _figure((1 + len(maps)) * panel_inches, panel_inches + 0.5, dpi)
+    fig = figure((1 + len(maps)) * panel_inches, panel_inches + 0.5, dpi)
     axes = fig.subplots(1, 1 + len(maps), squeeze=False)[0]
     axes[0].imshow(rgb)
     axes[0].set_title('input (eval transform)', fontsize=9)
@@ -96,7 +95,7 @@ def plot_curves(logs: Dict[str, List[Dict[str, Any]]], out: str, dpi: int = 100)
     Args:
         logs: run name -> read_log(...) of its log.txt.
     """
-    fig = _figure(15, 4.5, dpi)
+    fig = figure(15, 4.5, dpi)
     ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
     for index, (name, records) in enumerate(logs.items()):
         color = f'C{index % 10}'

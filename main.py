@@ -19,21 +19,20 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from timm.scheduler import create_scheduler
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
 
 import builders
 import checkpoints
 import models
 import tensorboard_log
 import utils
-from datasets import DATA_SETS, INAT_CATEGORIES, CorruptImageError, corrupt_count_all
+from datasets import DATA_SETS, INAT_CATEGORIES, CorruptImageError, report_skipped
 from engine import NonFiniteLossError, TrainingStopped, evaluate_all, train_one_epoch
 from losses import DISTILLATION_TYPES
 from stopping import StopRequest, skip_batches
@@ -81,13 +80,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='number of training epochs (default: %(default)s); a --resume with a larger value extends '
                             'the run, its schedule stretched to the new length')
     group.add_argument('--accum-iter', '--accum_iter', default=1, type=int, metavar='N',
-                       help='gradient accumulation: one optimizer step every N batches (default: %(default)s, none). '
-                            'The effective batch, batch-size x N x processes, sets the lr scaling: on 1 GPU, '
-                            '--accum-iter 8 takes the optimizer steps of 8 GPUs at the same --batch-size (add '
-                            '--repeated-aug, on by default only with several processes). Each batch\'s loss is '
-                            'divided by N. The batches after an epoch\'s last complete group of N are not used, as '
-                            'the loader drops an incomplete last batch: every step sees N full batches, as the '
-                            'larger batch would')
+                       help='gradient accumulation: one optimizer step every N batches, each loss divided by N '
+                            '(default: %(default)s, none); the effective batch, batch-size x N x processes, sets the '
+                            'lr scaling: on 1 GPU, --accum-iter 8 takes the steps of 8 GPUs (add --repeated-aug). An '
+                            'epoch\'s batches after its last complete group of N are not used (see README)')
     group.add_argument('--bce-loss', action='store_true',
                        help='binary cross-entropy on the (mixed) one-hot targets instead of cross-entropy, '
                             'as DeiT III (default: off)')
@@ -264,6 +260,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--eval', action='store_true', help='evaluate only (default: off)')
     group.add_argument('--eval-crop-ratio', default=0.875, type=float,
                        help='center-crop ratio of evaluation (default: %(default)s)')
+    group.add_argument('--eval-every', '--eval_every', default=1, type=int, metavar='N',
+                       help='evaluate after every N-th epoch and after the last (default: %(default)s, as the '
+                            'original); saves time where evaluating costs much next to an epoch (small datasets)')
+    group.add_argument('--checkpoint-every', default=1, type=int, metavar='N',
+                       help='write checkpoint.pth after every N-th epoch and the last (default: %(default)s); a stop '
+                            'by SIGTERM / SIGUSR1 still saves, a kill loses up to N - 1 epochs')
     group.add_argument('--dist-eval', action='store_true',
                        help='split the evaluation over the processes instead of evaluating on each (default: off)')
 
@@ -308,6 +310,13 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse combinations of flags that cannot work, with a message that says what to do."""
     if args.batch_size < 1 or args.epochs < 1 or args.accum_iter < 1:
         raise ValueError('--batch-size, --epochs and --accum-iter must be positive')
+    if args.eval_every < 1 or args.checkpoint_every < 1:
+        raise ValueError('--eval-every and --checkpoint-every must be positive: 1 is after every epoch')
+    if args.log_dir and args.checkpoint_every > 1:
+        raise ValueError('--log_dir writes each epoch\'s scalars after its checkpoint, so that a resumed run never '
+                         'writes them twice: use --checkpoint-every 1 with it')
+    if args.eval_every > 1 and args.sched == 'plateau':
+        raise ValueError('--sched plateau lowers the lr on the accuracy of every epoch: use --eval-every 1 with it')
     if args.log_dir:
         tensorboard_log.check_available()
     if args.resplit:
@@ -388,16 +397,6 @@ def check_paths(args: argparse.Namespace) -> None:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ValueError(f'--output_dir {args.output_dir}: {existing} is not writable: choose another '
                              '--output_dir, or make it writable')
-
-
-def report_skipped(dataset_train: Optional[Dataset], dataset_val: Dataset) -> Dict[str, int]:
-    """--skip-corrupt: print how many unreadable image files were skipped so far, over all processes, and return
-    the counts as log.txt keys. Cumulative over epochs: a file is tried once, then always skipped."""
-    counts = {'train_skipped_images': corrupt_count_all(dataset_train)} if dataset_train is not None else {}
-    counts['test_skipped_images'] = corrupt_count_all(dataset_val)
-    print('Unreadable images skipped so far (--skip-corrupt): '
-          + ', '.join(f'{n} in {"training" if k.startswith("train") else "evaluation"}' for k, n in counts.items()))
-    return counts
 
 
 def git_revision() -> str:
@@ -535,22 +534,27 @@ def main(args: argparse.Namespace) -> None:
                 stop.report(stopped, len(loader_train), output_dir)
                 raise
             start_step, start_sums = 0, None
-            test_stats = evaluate_all(loader_val, model, model_ema if ema_on_device else None, device, amp_dtype,
-                                      args.eval_head)
+            test_stats = {}
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == num_epochs:
+                test_stats = evaluate_all(loader_val, model, model_ema if ema_on_device else None, device, amp_dtype,
+                                          args.eval_head)
             skipped = report_skipped(dataset_train, dataset_val) if args.skip_corrupt else {}
-            lr_scheduler.step(epoch + 1, test_stats['test_acc1'])
-            is_best = test_stats['test_acc1'] > max_accuracy
-            max_accuracy = max(max_accuracy, test_stats['test_acc1'])
-            print(f'Max accuracy: {max_accuracy:.2f}%')
+            lr_scheduler.step(epoch + 1, test_stats.get('test_acc1'))
+            is_best = test_stats.get('test_acc1', -math.inf) > max_accuracy
+            if test_stats:
+                max_accuracy = max(max_accuracy, test_stats['test_acc1'])
+                print(f'Max accuracy: {max_accuracy:.2f}%')
 
+            stopping = epoch + 1 < num_epochs and stop.agreed()  # a stop between two epochs saves this one
             if output_dir is not None:
                 log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, **test_stats, **skipped,
                              'epoch': epoch, 'n_parameters': n_parameters}
                 checkpoint = checkpoints.training_checkpoint(epoch, model_without_ddp, model_ema, args, max_accuracy,
                                                              dataset_train.classes, **training_state)
-                checkpoints.save_epoch(output_dir, log_stats, checkpoint, is_best)
+                latest = stopping or (epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == num_epochs
+                checkpoints.save_epoch(output_dir, log_stats, checkpoint, is_best, latest)
             tensorboard_log.log_epoch(log_writer, epoch, test_stats)  # after the checkpoint: never logged twice
-            if epoch + 1 < num_epochs and stop.agreed():
+            if stopping:
                 stopped = TrainingStopped(epoch + 1, 0)
                 stop.report(stopped, len(loader_train), output_dir)
                 raise stopped

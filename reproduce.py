@@ -1,32 +1,37 @@
 """The distillation findings of the paper's section 5 (DeiT, Touvron et al. 2020), at small scale and offline.
 
-    python reproduce.py                          # the default grid (see SETTINGS), into reproduce_out/
-    python reproduce.py --quick --output_dir q   # one seed, one epoch per run: checks the pipeline in a minute
-    python reproduce.py --seeds 3 --jobs 2       # fewer seeds; two runs at a time, one thread each
+    python reproduce.py --probe                  # the probe runs that chose the lengths and the convnet teacher
+    python reproduce.py                          # the claims grid, into reproduce_out/
+    python reproduce.py --sweep                  # the gain of hard distillation against the training-set size
+    python reproduce.py --time-split             # after the grid: where a run's time goes, before and after
+    python reproduce.py --quick --output_dir q   # one seed, a few steps per run: checks the pipeline
 
-On the built-in DIGITS data (real 8x8 scans of handwritten digits, upscaled to --input-size 32), main.py trains a
-convnet teacher (RegNetY, the paper's family), a transformer teacher (a DeiT-Ti trained longer, as the paper's
-DeiT-B teacher is a DeiT), then DeiT-Ti students over several seeds: without distillation (the paper's "none"),
-distilled (soft and hard) from each teacher, and the control with a second class token in place of the
-distillation token (main.py --dist-head-on-labels). analyze.py's functions then measure each head's accuracy,
-the cosine of the class and distillation tokens through the blocks, and how often each head disagrees with each
-teacher; reproduce_report.py writes report.md (the paper's figure beside each of ours), results.json and the figures.
+On the built-in DIGITS data (real 8x8 scans of handwritten digits, upscaled to 32 pixels; reproduce_data.py says
+which images train, which choose settings and which test), main.py trains convnet teachers (the probe's choice)
+and DeiT-Ti students over several seeds: without distillation (the paper's "none"), distilled soft and hard from
+the convnet, hard from a transformer teacher (a plain DeiT-Ti of another seed, as the paper's DeiT-B teacher of
+DeiT-B students), and the control with a second class token in place of the distillation token (main.py
+--dist-head-on-labels). Each student seed has teachers of its own (teacher_of), so that the claims about teachers
+hold over teachers, not over one model of each kind. analyze.py's functions then measure each head's predictions,
+the class and distillation tokens, and the agreement with each teacher; reproduce_report.py judges the claims
+(verdicts.py) and writes report.md, results.json and the figures.
 
-Each run is `python main.py ...` in a child process, its output in <output_dir>/runs/<run>/stdout.txt. A run whose
-folder holds done.json is finished and skipped when the script starts again; an interrupted run resumes from its
-checkpoint.pth (main.py's own resume). Exit status: 0 done; 1 a run failed; 2 a user error, in one line; 3 stopped
-(SIGTERM or Ctrl-C), the runs in progress having saved their state.
+Each run is `python main.py ...` in a forked child (which spares it the import of torch and timm), its output in
+<output_dir>/runs/<run>/stdout.txt. A run whose folder holds done.json is finished and skipped when the script
+starts again; an interrupted run resumes from its checkpoint.pth (main.py's own resume). Exit status: 0 done;
+1 a run failed; 2 a user error, in one line; 3 stopped (SIGTERM or Ctrl-C), the runs in progress having saved
+their state.
 """
 import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import time
-import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -35,338 +40,304 @@ import timm
 import torch
 from torch.utils.data import DataLoader
 
+import builders
 import main as deit_main
+import reproduce_data
 import reproduce_report
-from analyze import disagreement, head_accuracies, load_model, token_cosines, top1_predictions
-from datasets import DIGITS_SIZES, DigitsDataset, build_dataset
+from analyze import load_model, token_cosines, token_movement, top1_predictions
+from datasets import build_dataset
+from reproduce_grid import HERE, Grid, Run, finished, read_log, run_main
 
-HERE = Path(__file__).resolve().parent
 STUDENT, STUDENT_DISTILLED = 'deit_tiny_patch16_224', 'deit_tiny_distilled_patch16_224'
-TEACHERS = {'convnet': 'regnety_002', 'transformer': 'deit_tiny_patch16_224'}
-# Student variants: model, main.py flags, teacher (a key of TEACHERS) or None.
+# The convnet teacher was chosen by the probe among CONVNET_CANDIDATES (tests/test_reproduce.py checks it).
+TEACHER_MODELS = {'convnet': 'regnety_002', 'transformer': STUDENT}
+# Student variants: model, main.py flags, teacher kind (a key of TEACHER_MODELS) or None.
 VARIANTS = {
     'none': (STUDENT, [], None),
     'soft_convnet': (STUDENT_DISTILLED, ['--distillation-type', 'soft'], 'convnet'),
     'hard_convnet': (STUDENT_DISTILLED, ['--distillation-type', 'hard'], 'convnet'),
-    'soft_transformer': (STUDENT_DISTILLED, ['--distillation-type', 'soft'], 'transformer'),
     'hard_transformer': (STUDENT_DISTILLED, ['--distillation-type', 'hard'], 'transformer'),
     'two_class_tokens': (STUDENT_DISTILLED, ['--dist-head-on-labels'], None),
 }
+SWEEP_VARIANTS = ('none', 'hard_convnet', 'hard_transformer')
+# Seed of the convnet teacher of student seed k: TEACHER_SEED + k (the transformer teachers: see teacher_of). The
+# probe runs use seeds of their own too.
+TEACHER_SEED, PROBE_SEED = 1000, 2000
 HEADS = ('cls', 'dist', 'avg')
 EXIT_FAILED, EXIT_USER_ERROR, EXIT_STOPPED = 1, 2, 3
+
+# ============ the probe: what chose the lengths ============
+
+# Fixed before the probe ran. A length is converged when doubling it gains less than PROBE_GAIN points of top-1 on
+# the probe split (mean over PROBE_SEEDS seeds); the probe picks the shortest converged length of PROBE_EPOCHS, else
+# the longest (and says that convergence was not shown). Each probed model is trained with the students' recipe.
+PROBE_EPOCHS = (100, 200, 400)
+PROBE_SEEDS = 2
+PROBE_GAIN = 1.0
+# The convnet teacher: of these candidates (timm names), each at its converged length, the one whose probe top-1 is
+# closest to the plain DeiT-Ti's at its own (the transformer teacher's), as the paper compares teachers of similar
+# accuracy (RegNetY-8GF 81.7 against DeiT-B 81.8, its Table 2). regnety_002 was probed first, alone; at 100 epochs it
+# stood 17 points below DeiT-Ti, and the other two candidates were added then, before any longer run.
+CONVNET_CANDIDATES = ('regnety_002', 'resnet18', 'convnext_atto')
+PROBE_MODELS = {'student': STUDENT, **{name: name for name in CONVNET_CANDIDATES}}
+
+
+PROBE_RULE = (f'the shortest of {", ".join(map(str, PROBE_EPOCHS))} epochs whose doubling gains less than '
+              f'{PROBE_GAIN:g} point of top-1 on the probe split (mean over {PROBE_SEEDS} seeds), else the longest')
+TEACHER_RULE = (f'of {", ".join(CONVNET_CANDIDATES)}, each at its length, the one whose probe top-1 is closest to the '
+                'plain DeiT-Ti\'s at its length')
+# What chose each setting; tests/test_reproduce.py checks that results/probe chose these values.
+CHOSEN_BY = {'student': f'chosen by the probe of a plain DeiT-Ti (results/probe/report.md): {PROBE_RULE}',
+             'convnet': f'{TEACHER_MODELS["convnet"]} and its length chosen by the probe (results/probe/report.md): '
+                        f'{TEACHER_RULE}; its length by the same rule as the students\''}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """What every run of a grid shares; the reasons are in report.md's "Setting" section."""
+    """What every run of a grid shares; report.md's "Setting" section gives the reasons, and the probe (results/probe)
+    chose the lengths. Epochs are those of a run at the training fraction 1/2; at another fraction a run keeps the
+    same number of optimizer steps (see epochs_at)."""
     input_size: int = 32           # 8x8 scans x 4: 2x2 patches of 16; main.py's padded-crop path for inputs <= 32
     batch_size: int = 64           # main.py's default
     lr: float = 5e-4               # the paper's per-step lr (its value for a 512 batch), not scaled down by 8
-    student_epochs: int = 30       # 330 steps of 64 images: what 30 student runs afford in under an hour on 2 cores
-    convnet_epochs: int = 200      # teachers train longer than the students, so that they are clearly better than a
-    transformer_epochs: int = 100  # student trained alone; the convnet twice as long, as it learns more slowly per
-    #                                step here (probes of 30 epochs on all 1442 images: regnety_002 54%, DeiT-Ti 81%),
-    #                                to come near the transformer's accuracy as the paper's pair (81.7 / 81.8)
-    train_fraction: float = 0.5    # share of the 1442 training images, the same k first scans of each digit
-    val_fraction: float = 1.0      # share of the 355 validation images (all but in --quick)
+    warmup_epochs: int = 5         # main.py's default
+    student_epochs: int = 200      # the probe 'student' (a plain DeiT-Ti); the transformer teachers train as long
+    convnet_epochs: int = 200      # the probe 'convnet'
+    fraction: float = 0.5          # share of each digit's training scans (the claims grid; --sweep varies it)
+    eval_every: int = 10           # main.py --eval-every: the points of the training curves
+    quick: bool = False            # a quarter of the test images (--quick)
 
 
-SETTINGS = {'default': Setting(), 'quick': Setting(student_epochs=1, convnet_epochs=1, transformer_epochs=1,
-                                                   train_fraction=0.25, val_fraction=0.25)}
+SETTINGS = {'default': Setting(),
+            'quick': Setting(student_epochs=1, convnet_epochs=1, warmup_epochs=1, fraction=0.125, eval_every=2,
+                             quick=True)}
+DEFAULT_SEEDS = {'grid': 8, 'sweep': 6, 'probe': PROBE_SEEDS}
 
 
-@dataclass
-class Run:
-    name: str                      # 'teacher_convnet' or '<variant>/seed<k>'
-    model: str
-    epochs: int
-    seed: int
-    flags: List[str]
-    teacher: Optional[str] = None  # a key of TEACHERS
-    variant: str = ''
+def steps_per_epoch(fraction: float, batch_size: int) -> int:
+    return len(reproduce_data.split_indices(fraction)['train']) // batch_size
 
 
-def plan(setting: Setting, seeds: int) -> List[Run]:
-    """The teachers (seed 0), then every variant for seed 0, then seed 1, ... (a short grid is a complete one)."""
-    runs = [Run('teacher_convnet', TEACHERS['convnet'], setting.convnet_epochs, 0, []),
-            Run('teacher_transformer', TEACHERS['transformer'], setting.transformer_epochs, 0, [])]
+def epochs_at(epochs: int, fraction: float, setting: Setting) -> int:
+    """``epochs`` at the fraction 1/2, as epochs at ``fraction`` of the same number of optimizer steps (rounded)."""
+    ratio = steps_per_epoch(reproduce_data.POOL_END, setting.batch_size) / steps_per_epoch(fraction, setting.batch_size)
+    return max(1, round(epochs * ratio))
+
+# ============ plans ============
+
+
+def teacher_of(kind: str, seed: int, seeds: int, prefix: str = '') -> str:
+    """The run that teaches student seed ``seed`` of ``seeds``: the convnet teacher of that seed; for the
+    transformer, the plain DeiT-Ti ('none') of the next seed, cyclically. The paper's transformer teacher is a DeiT
+    trained with the students' recipe, which is what that run is, at no extra cost; its seed differs from the
+    student's, and it is no student's baseline in the same pair (see reproduce_report's claims)."""
+    return f'{prefix}teacher_convnet/seed{seed}' if kind == 'convnet' else f'{prefix}none/seed{(seed + 1) % seeds}'
+
+
+def plan_grid(setting: Setting, seeds: int, variants: Optional[List[str]] = None,
+              fraction: Optional[float] = None, prefix: str = '') -> List[Run]:
+    """Seed by seed, its convnet teacher, then its students (each waits for its teacher)."""
+    fraction = setting.fraction if fraction is None else fraction
+    variants = list(VARIANTS) if variants is None else variants
+    if 'hard_transformer' in variants and 'none' not in variants:
+        raise ValueError('the transformer teachers are the plain DeiT-Ti runs ("none"): plan them too')
+    warmup, epochs = (epochs_at(e, fraction, setting) for e in (setting.warmup_epochs, setting.student_epochs))
+    runs = []
     for seed in range(seeds):
-        for variant, (model, flags, teacher) in VARIANTS.items():
-            runs.append(Run(f'{variant}/seed{seed}', model, setting.student_epochs, seed, flags, teacher, variant))
+        runs.append(Run(f'{prefix}teacher_convnet/seed{seed}', TEACHER_MODELS['convnet'],
+                        epochs_at(setting.convnet_epochs, fraction, setting), TEACHER_SEED + seed, [],
+                        variant='teacher_convnet', fraction=fraction, warmup_epochs=warmup))
+        for variant in variants:
+            model, flags, teacher = VARIANTS[variant]
+            runs.append(Run(f'{prefix}{variant}/seed{seed}', model, epochs, seed, flags,
+                            teacher=teacher and teacher_of(teacher, seed, seeds, prefix), variant=variant,
+                            fraction=fraction, warmup_epochs=warmup))
     return runs
 
-# ============ data ============
+
+def plan_sweep(setting: Setting, seeds: int) -> List[Run]:
+    """The grid of SWEEP_VARIANTS at each training fraction, seed by seed across the fractions. At the claims grid's
+    fraction the runs are the grid's own (same names, same folder): in the grid's --output_dir they are trained once
+    for both."""
+    grids = [plan_grid(setting, seeds, list(SWEEP_VARIANTS), fraction,
+                       '' if fraction == setting.fraction else f'f{fraction:g}/')
+             for fraction in reproduce_data.FRACTIONS]
+    per_seed = len(grids[0]) // seeds  # runs per seed of one fraction
+    return [run for seed in range(seeds) for grid in grids for run in grid[seed * per_seed:(seed + 1) * per_seed]]
 
 
-def data_flags(setting: Setting, out: Path) -> List[str]:
-    """main.py's data flags: DIGITS itself, or a share of its images written as an image folder.
+def plan_probe(setting: Setting, seeds: int, kinds: List[str], epochs: int) -> List[Run]:
+    """The runs of the probed models ``kinds`` at one length, on the probe split."""
+    return [Run(f'probe_{kind}_{epochs}/seed{PROBE_SEED + seed}', PROBE_MODELS[kind], epochs, PROBE_SEED + seed, [],
+                variant=f'probe_{kind}', fraction=reproduce_data.POOL_END, warmup_epochs=setting.warmup_epochs)
+            for kind in kinds for seed in range(seeds)]
 
-    A share is written once as PNG files of the very pixels DigitsDataset serves (<out>/data), so that main.py
-    trains on it through its FOLDER dataset without any change: the k = round(share x n) first scans of each
-    digit (in scikit-learn's order) of each split.
+
+def undecided(job: 'Job', epochs: int) -> List[str]:
+    """The probed models whose length the rule cannot choose yet: those not converged at epochs / 4 already (the
+    runs of epochs / 2 gained less than PROBE_GAIN over them), for which a run of ``epochs`` can change the choice."""
+    kinds = list(PROBE_MODELS)
+    if epochs // 4 not in PROBE_EPOCHS:
+        return kinds
+    choices = probe_results(job)['choices']
+    return [kind for kind in kinds if not (choices[kind]['converged'] and choices[kind]['epochs'] <= epochs // 4)]
+
+
+def choose_teacher(choices: Dict[str, Dict[str, Any]]) -> str:
+    """TEACHER_RULE: the convnet candidate whose probe top-1 at its chosen length is closest to the student's (the
+    first of CONVNET_CANDIDATES on a tie)."""
+    target = choices['student']['means'][choices['student']['epochs']]
+    probed = [name for name in CONVNET_CANDIDATES if name in choices]
+    return min(probed, key=lambda name: abs(choices[name]['means'][choices[name]['epochs']] - target))
+
+
+def choose_length(scores: Dict[int, List[float]]) -> Dict[str, Any]:
+    """The probe's rule: the shortest length whose doubling gains less than PROBE_GAIN points (mean over seeds).
+
+    Args:
+        scores: length in epochs -> the probe top-1 of each seed's run of that length.
     """
-    if setting.train_fraction >= 1 and setting.val_fraction >= 1:
-        return ['--data-set', 'DIGITS']
-    root = out / 'data' / f'digits_{setting.train_fraction:g}_{setting.val_fraction:g}'
-    if not (root / 'complete').exists():
-        for split, train in (('train', True), ('val', False)):
-            digits = DigitsDataset(train=train)
-            targets = np.asarray(digits.targets)
-            share = setting.train_fraction if train else setting.val_fraction
-            for digit, name in enumerate(digits.classes):
-                members = np.flatnonzero(targets == digit)
-                keep = members[:max(1, round(share * len(members)))]
-                (root / split / name).mkdir(parents=True, exist_ok=True)
-                for i in keep:
-                    digits[i][0].save(root / split / name / f'{i:04d}.png')
-        (root / 'complete').write_text('')
-    return ['--data-set', 'FOLDER', '--data-path', str(root)]
+    means = {epochs: float(np.mean(s)) for epochs, s in sorted(scores.items())}
+    for epochs, mean in means.items():
+        if 2 * epochs in means and means[2 * epochs] - mean < PROBE_GAIN:
+            return {'epochs': epochs, 'converged': True, 'means': means}
+    return {'epochs': max(means), 'converged': False, 'means': means}
+
+def probe_results(job: 'Job') -> Dict[str, Any]:
+    """Each probe run's curve on the probe split, and the length the rule chooses for each probed model."""
+    runs, scores = [], {}
+    for run in job.runs:
+        log = read_log(job.out / 'runs' / run.name)
+        curve = [line['test_acc1'] for line in log if 'test_acc1' in line]
+        runs.append({'name': run.name, 'model': run.model, 'seed': run.seed, 'epochs': run.epochs, 'curve': curve,
+                     'final': curve[-1]})
+        scores.setdefault(run.variant.removeprefix('probe_'), {}).setdefault(run.epochs, []).append(curve[-1])
+    choices = {kind: choose_length(s) for kind, s in scores.items()}
+    teacher = choose_teacher(choices) if 'student' in choices and set(CONVNET_CANDIDATES) & set(choices) else None
+    return {'rule': PROBE_RULE, 'teacher_rule': TEACHER_RULE, 'runs': runs, 'choices': choices,
+            'convnet_teacher': teacher, 'models': PROBE_MODELS}
+
+# ============ measuring the runs ============
 
 
-def main_flags(run: Run, setting: Setting, data: List[str], out: Path, device: str) -> List[str]:
-    """The command line of main.py for one run: the paper's recipe (main.py's defaults) with this setting."""
-    flags = ['--model', run.model, *data, '--input-size', str(setting.input_size),
-             '--batch-size', str(setting.batch_size), '--epochs', str(run.epochs), '--unscale-lr',
-             '--lr', str(setting.lr), '--seed', str(run.seed), '--device', device, '--num_workers', '0',
-             # The EMA's decay (0.99996 per step) leaves it at its start after a few hundred steps; the paper
-             # found it of little help (its Table 8): off, and the final weights are evaluated.
-             '--no-model-ema', *run.flags, '--output_dir', str(out / 'runs' / run.name)]
-    if run.teacher:
-        flags += ['--teacher-model', TEACHERS[run.teacher],
-                  '--teacher-path', str(out / 'runs' / f'teacher_{run.teacher}' / 'checkpoint.pth')]
-    return flags
-
-# ============ running ============
+def initial_model(run: Run, setting: Setting, nb_classes: int) -> torch.nn.Module:
+    """The model of ``run`` as main.py starts training it: seeded with --seed, built before any step
+    (tests/test_reproduce.py checks that it equals main.py's)."""
+    builders.seed_everything(run.seed)
+    return builders.create_model(run.model, setting.input_size, num_classes=nb_classes)
 
 
-def finished(folder: Path) -> bool:
-    """A run is finished when main.py exited 0: done.json, written then (the last log.txt line comes before the
-    last checkpoint, so it alone does not say that checkpoint.pth is the final one)."""
-    return (folder / 'done.json').exists()
-
-
-class Grid:
-    """Runs main.py in child processes, ``jobs`` at a time, each student after its teacher; prints progress and ETA.
-
-    The ETA is the epochs left times the wall time per epoch trained so far in this invocation (epochs counted
-    from the runs' log.txt, so runs in progress count too).
-    """
-
-    def __init__(self, runs: List[Run], setting: Setting, out: Path, device: str, jobs: int, threads: int,
-                 heartbeat_s: float = 300) -> None:
-        self.runs, self.setting, self.out, self.device = runs, setting, out, device
-        self.jobs, self.threads, self.heartbeat_s = jobs, threads, heartbeat_s
-        self.data = data_flags(setting, out)
-        self.index = {run.name: i for i, run in enumerate(runs, 1)}
-        self.processes: Dict[int, subprocess.Popen] = {}  # the runs started as new interpreters, by pid
-
-    def folder(self, run: Run) -> Path:
-        return self.out / 'runs' / run.name
-
-    def _epochs_logged(self, run: Run) -> int:
-        log = self.folder(run) / 'log.txt'
-        return len(log.read_text().splitlines()) if log.exists() else 0
-
-    def _eta(self, trained: int, left: int) -> str:
-        if not trained:
-            return 'ETA after the first epoch'
-        seconds = (time.time() - self.start) / trained * left
-        ends = time.strftime('%H:%M', time.localtime(time.time() + seconds))
-        return f'about {reproduce_report.duration(seconds)} left (ends ~{ends})'
-
-    def _launch(self, run: Run) -> int:
-        """Start `python main.py <flags>` of ``run`` in a child process; returns its pid.
-
-        On the CPU the child is a fork of this process (run_main), which spares each run the seconds of importing
-        torch and timm; CUDA does not survive a fork once the parent has touched it (torch.cuda.is_available()
-        does), so on a GPU each run is a new interpreter.
-        """
-        folder = self.folder(run)
-        folder.mkdir(parents=True, exist_ok=True)
-        flags = main_flags(run, self.setting, self.data, self.out, self.device)
-        with (folder / 'stdout.txt').open('a') as log:
-            log.write(f'$ python main.py {" ".join(flags)}\n')
-            log.flush()
-            if torch.device(self.device).type != 'cpu':
-                process = subprocess.Popen([sys.executable, str(HERE / 'main.py'), *flags], cwd=HERE, stdout=log,
-                                           stderr=subprocess.STDOUT)
-                self.processes[process.pid] = process
-                return process.pid
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:
-            run_main(flags, folder / 'stdout.txt', self.threads)
-        return pid
-
-    def _finish(self, run: Run, code: int, usage: Any, started: float) -> float:
-        """Write done.json of a run that exited with ``code``; returns its final top-1."""
-        folder = self.folder(run)
-        if code != 0:
-            raise RuntimeError(f'{run.name}: main.py exited with status {code}; see {folder / "stdout.txt"}')
-        log = [json.loads(line) for line in (folder / 'log.txt').read_text().splitlines() if line.strip()]
-        if not log or log[-1]['epoch'] != run.epochs - 1:
-            raise RuntimeError(f'{run.name}: log.txt ends before epoch {run.epochs - 1}; see {folder / "stdout.txt"}')
-        done = {'wall_s': time.time() - started, 'cpu_s': usage.ru_utime + usage.ru_stime, 'threads': self.threads,
-                'test_acc1': log[-1]['test_acc1'], 'epochs': run.epochs}
-        (folder / 'done.json').write_text(json.dumps(done, indent=2) + '\n')
-        return done['test_acc1']
-
-    def _todo(self) -> List[Run]:
-        todo = []
-        for run in self.runs:
-            if finished(self.folder(run)):
-                print(f'skip run {self.index[run.name]}/{len(self.runs)}: {run.name}, finished earlier '
-                      f'({self.folder(run) / "done.json"})')
-            else:
-                todo.append(run)
-        return todo
-
-    def run(self) -> int:
-        """Every run not finished before, in plan order as far as teachers and ``jobs`` allow; returns how many."""
-        todo = self._todo()
-        count = len(todo)
-        self.start = time.time()
-        left = sum(r.epochs - self._epochs_logged(r) for r in todo)  # epochs still to train
-        trained = 0  # epochs trained by the runs that ended in this invocation
-        running: Dict[int, tuple] = {}  # pid: (run, start time, epochs logged at start)
-        last_heartbeat = time.time()
-        try:
-            while todo or running:
-                ready = [r for r in todo if not r.teacher or finished(self.out / 'runs' / f'teacher_{r.teacher}')]
-                while ready and len(running) < self.jobs:
-                    run = ready.pop(0)
-                    todo.remove(run)
-                    logged = self._epochs_logged(run)
-                    print(f'start run {self.index[run.name]}/{len(self.runs)}: {run.name} ({run.model}, {run.epochs} '
-                          f'epochs{f", resuming after {logged}" if logged else ""})', flush=True)
-                    running[self._launch(run)] = (run, time.time(), logged)
-                if not running:
-                    raise RuntimeError('no run can start: a teacher is missing from the plan')
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
-                in_progress = sum(self._epochs_logged(r) - n for r, _, n in running.values())
-                if pid in running:
-                    run, started, logged = running.pop(pid)
-                    code = os.waitstatus_to_exitcode(status)
-                    if pid in self.processes:  # reaped here: tell its Popen
-                        self.processes.pop(pid).returncode = code
-                    acc = self._finish(run, code, usage, started)
-                    trained, left = trained + run.epochs - logged, left - (run.epochs - logged)
-                    in_progress -= run.epochs - logged
-                    done = len(self.runs) - len(todo) - len(running)
-                    print(f'[{done}/{len(self.runs)} runs done] {run.name} in '
-                          f'{reproduce_report.duration(time.time() - started)}, top-1 {acc:.1f}%; '
-                          f'{self._eta(trained + in_progress, left - in_progress)}', flush=True)
-                elif time.time() - last_heartbeat > self.heartbeat_s:
-                    last_heartbeat = time.time()
-                    epochs = ', '.join(f'{r.name} epoch {self._epochs_logged(r)}/{r.epochs}'
-                                       for r, _, _ in running.values())
-                    print(f'[{len(self.runs) - len(todo) - len(running)}/{len(self.runs)} runs done] in progress: '
-                          f'{epochs}; {self._eta(trained + in_progress, left - in_progress)}', flush=True)
-                else:
-                    time.sleep(0.5)
-        finally:
-            for pid in running:  # stopped: each saves its step and exits (main.py's SIGTERM)
-                os.kill(pid, signal.SIGTERM)
-            for pid in running:
-                os.waitpid(pid, 0)
-        return count
-
-
-def run_main(flags: List[str], stdout: Path, threads: int) -> None:
-    """In a forked child: main.py's command line, its output appended to ``stdout``; exits with its status.
-
-    A fork rather than a new interpreter spares each run the seconds of importing torch and timm; the run is
-    the same as `python main.py <flags>`, and main.py stops it cleanly on SIGTERM once it trains.
-    """
-    code = EXIT_FAILED
-    try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        with stdout.open('a') as log:
-            os.dup2(log.fileno(), sys.stdout.fileno())
-            os.dup2(log.fileno(), sys.stderr.fileno())
-        torch.set_num_threads(threads)
-        deit_main.cli(flags)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else EXIT_FAILED
-    except BaseException:  # the traceback goes to the run's stdout.txt, the status to the grid
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-# ============ analyses ============
-
-
-def val_loader(setting: Setting, data: List[str]) -> DataLoader:
-    """main.py's validation loader of the grid's data: eval transform, in order, batch 1.5 x batch size."""
-    args = deit_main.get_args_parser().parse_args([*data, '--input-size', str(setting.input_size)])
+def test_loader(job: 'Job', fraction: float) -> DataLoader:
+    """main.py's evaluation loader of a run's test images: eval transform, in order, batch 1.5 x batch size."""
+    args = deit_main.get_args_parser().parse_args(['--data-set', 'FOLDER', '--data-path', str(job.data[fraction]),
+                                                   '--input-size', str(job.setting.input_size)])
     dataset, _ = build_dataset(is_train=False, args=args)
-    return DataLoader(dataset, batch_size=int(1.5 * setting.batch_size), shuffle=False, num_workers=0)
+    return DataLoader(dataset, batch_size=int(1.5 * job.setting.batch_size), shuffle=False, num_workers=0)
 
 
-def analyse(run: Run, folder: Path, setting: Setting, loader: DataLoader, device: torch.device) -> Dict[str, Any]:
-    """Each head's accuracy and top-1 predictions, and the tokens' cosines of a distilled student; cached in
-    analysis.json next to the final checkpoint it was computed from."""
-    cache = folder / 'analysis.json'
-    checkpoint = folder / 'checkpoint.pth'
+def analyse(run: Run, folder: Path, job: 'Job', loader: DataLoader, device: torch.device) -> Dict[str, Any]:
+    """The final weights' top-1 prediction of every test image (each head of a distilled student), and a distilled
+    student's tokens; cached in analysis.json next to the final checkpoint it was computed from."""
+    cache, checkpoint = folder / 'analysis.json', folder / 'checkpoint.pth'
     if cache.exists() and cache.stat().st_mtime >= checkpoint.stat().st_mtime:
         return json.loads(cache.read_text())
-    model = load_model(str(checkpoint), run.model, setting.input_size, nb_classes=len(loader.dataset.classes))
-    result: Dict[str, Any] = {'predictions': {}}
+    nb_classes = len(loader.dataset.classes)
+    model = load_model(str(checkpoint), run.model, job.setting.input_size, nb_classes=nb_classes)
     distilled = run.model == STUDENT_DISTILLED
-    for head in HEADS if distilled else ('avg',):
-        result['predictions'][head] = top1_predictions(model, loader, device, head).tolist()
+    result: Dict[str, Any] = {'predictions': {head: top1_predictions(model, loader, device, head).tolist()
+                                              for head in (HEADS if distilled else ('avg',))}}
     if distilled:
-        result['heads'] = head_accuracies(model, loader, device)
-        result['tokens'] = token_cosines(model, loader, device)
+        result['tokens'] = {**token_cosines(model, loader, device),
+                            **token_movement(model, initial_model(run, job.setting, nb_classes))}
     cache.write_text(json.dumps(result) + '\n')
     return result
 
 
-def analyse_all(grid: Grid, device: torch.device) -> Dict[str, Any]:
-    """Per run: its analysis, its log and its timing, and the validation labels they are measured on."""
-    loader = val_loader(grid.setting, grid.data)
-    labels = torch.as_tensor(loader.dataset.targets)  # DIGITS and FOLDER both list them in order
-    runs = {}
-    for run in grid.runs:
-        folder = grid.folder(run)
+def measure(job: 'Job', device: torch.device) -> Dict[str, Any]:
+    """Every run's record (results.json's 'runs'), and per training fraction the test images' labels and sources."""
+    tests, runs, by_name = {}, [], {run.name: run for run in job.runs}
+    for fraction in sorted(job.data):
+        loader = test_loader(job, fraction)
+        tests[fraction] = {'loader': loader, 'labels': [t for _, t in loader.dataset.samples],
+                           'is_val': [reproduce_data.is_val_image(p) for p, _ in loader.dataset.samples]}
+    for run in job.runs:
+        folder = job.out / 'runs' / run.name
         print(f'analysing {run.name}', flush=True)
-        analysis = analyse(run, folder, grid.setting, loader, device)
-        predictions = {h: torch.as_tensor(p) for h, p in analysis['predictions'].items()}
-        runs[run.name] = {
-            'variant': run.variant, 'seed': run.seed, 'model': run.model, 'epochs': run.epochs,
-            'acc1': {h: 100 * p.eq(labels).double().mean().item() for h, p in predictions.items()},
-            'heads': analysis.get('heads'), 'tokens': analysis.get('tokens'),
-            'log': [json.loads(line) for line in (folder / 'log.txt').read_text().splitlines() if line.strip()],
-            'done': json.loads((folder / 'done.json').read_text()),
-        }
-        runs[run.name]['predictions'] = predictions
-    return {'labels': labels, 'runs': runs}
+        test = tests[run.fraction]
+        analysis = analyse(run, folder, job, test['loader'], device)
+        labels, is_val = np.asarray(test['labels']), np.asarray(test['is_val'])
+        final, final_val = {}, {}
+        for head, predicted in analysis['predictions'].items():
+            hits = np.asarray(predicted) == labels
+            final[head], final_val[head] = 100 * hits.mean(), 100 * hits[is_val].mean()
+        runs.append({
+            'name': run.name, 'variant': run.variant, 'model': run.model, 'seed': run.seed,
+            'teacher_seed': by_name[run.teacher].seed if run.teacher else None, 'teacher': run.teacher,
+            'fraction': run.fraction, 'train_images': len(reproduce_data.split_indices(run.fraction)['train']),
+            'epochs': run.epochs, 'steps': run.epochs * steps_per_epoch(run.fraction, job.setting.batch_size),
+            'curve': [[line['epoch'] + 1, line['test_acc1']] for line in read_log(folder) if 'test_acc1' in line],
+            'final': final, 'final_val': final_val, 'tokens': analysis.get('tokens'),
+            'predictions': analysis['predictions'], 'done': json.loads((folder / 'done.json').read_text())})
+    return {'runs': runs, 'tests': {f: {k: v for k, v in t.items() if k != 'loader'} for f, t in tests.items()}}
+
+# ============ where a run's time goes ============
+
+TIME_SPLIT_EPOCHS = 20  # of the run measured by --time-split
 
 
-def agreement(measured: Dict[str, Any]) -> Dict[str, Any]:
-    """Disagreement (fraction of val images with different top-1) per seed: the paper's Table 4 matrix for the
-    hard-distilled student of the convnet, and every student head against each teacher."""
-    runs, labels = measured['runs'], measured['labels']
-    teachers = {t: runs[f'teacher_{t}']['predictions']['avg'] for t in TEACHERS}
-    seeds = sorted({r['seed'] for r in runs.values() if r['variant']})
-    table4 = []
-    for seed in seeds:
-        student = runs[f'hard_convnet/seed{seed}']['predictions']
-        table4.append(disagreement([labels, teachers['convnet'], runs[f'none/seed{seed}']['predictions']['avg'],
-                                    student['cls'], student['dist'], student['avg']]).tolist())
-    with_teachers: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
-    for r in runs.values():
-        if not r['variant']:
-            continue
-        for head, p in r['predictions'].items():
-            row = with_teachers.setdefault(r['variant'], {}).setdefault(head, {t: [] for t in TEACHERS})
-            for t, q in teachers.items():
-                row[t].append(disagreement([p, q])[0, 1].item())
-    return {'table4_names': reproduce_report.TABLE4_NAMES, 'table4_per_seed': table4, 'with_teachers': with_teachers}
+def measure_time_split(job: 'Job', device: str, threads: int) -> Dict[str, Any]:
+    """--time-split: the first hard-distilled student of the grid, TIME_SPLIT_EPOCHS epochs from scratch, run as
+    reproduce.py ran it before (a new interpreter per run, evaluated after every epoch) and as it runs now (a fork
+    of this process, evaluated every Setting.eval_every epochs), one after the other; each run's time split by
+    reproduce_grid.Timers."""
+    student = next(r for r in job.runs if r.variant == 'hard_convnet')
+    if not finished(job.out / 'runs' / student.teacher):
+        raise ValueError(f'--time-split measures {student.name}, whose teacher {student.teacher} is not trained yet: '
+                         'run the grid first')
+    splits = {}
+    for name, eval_every, fork in (('before', 1, False), ('after', job.setting.eval_every, True)):
+        run = replace(student, name=f'time_split/{name}', epochs=TIME_SPLIT_EPOCHS)
+        folder = job.out / 'runs' / run.name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        flags = main_flags(run, replace(job.setting, eval_every=eval_every), job.data[run.fraction], job.out, device)
+        print(f'--time-split: {name}, {" ".join(flags)}', flush=True)
+        if fork:
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:
+                run_main(flags, folder / 'stdout.txt', threads)
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        else:
+            code = subprocess.run([sys.executable, str(HERE / 'reproduce_grid.py'), str(time.time()),
+                                   str(folder / 'stdout.txt'), str(threads), *flags], cwd=HERE).returncode
+        if code != 0:
+            raise RuntimeError(f'--time-split: the {name} run exited with status {code}; see {folder / "stdout.txt"}')
+        splits[name] = json.loads((folder / 'timing.json').read_text())
+    return {'run': student.name, 'epochs': TIME_SPLIT_EPOCHS, 'eval_every': job.setting.eval_every, **splits}
+
+# ============ main.py's command line of a run ============
+
+
+def main_flags(run: Run, setting: Setting, data: Path, out: Path, device: str) -> List[str]:
+    """The command line of main.py for one run: the paper's recipe (main.py's defaults) with this setting."""
+    every = epochs_at(setting.eval_every, run.fraction, setting)
+    flags = ['--model', run.model, '--data-set', 'FOLDER', '--data-path', str(data),
+             '--input-size', str(setting.input_size), '--batch-size', str(setting.batch_size),
+             '--epochs', str(run.epochs), '--warmup-epochs', str(run.warmup_epochs), '--unscale-lr',
+             '--lr', str(setting.lr), '--seed', str(run.seed), '--device', device, '--num_workers', '0',
+             # The curve's points and the checkpoints every eval_every epochs at the fraction 1/2, every as many steps
+             # at the others (a checkpoint of DeiT-Ti with its optimizer state is 70 MB); the probe's every epoch.
+             *(['--eval-every', str(every), '--checkpoint-every', str(every)] if not run.variant.startswith('probe')
+               else []),
+             # The EMA's decay (0.99996 per step) leaves it near its start after a few thousand steps; the paper
+             # found it of little help (its Table 8): off, and the final weights are evaluated.
+             '--no-model-ema', *run.flags, '--output_dir', str(out / 'runs' / run.name)]
+    if run.teacher:
+        kind = VARIANTS[run.variant][2]
+        flags += ['--teacher-model', TEACHER_MODELS[kind],
+                  '--teacher-path', str(out / 'runs' / run.teacher / 'checkpoint.pth')]
+    return flags
 
 # ============ command line ============
 
@@ -374,13 +345,28 @@ def agreement(measured: Dict[str, Any]) -> Dict[str, Any]:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('reproduce.py', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--output_dir', '--output-dir', default='reproduce_out',
-                        help='folder of the runs, report.md, results.json and the figures (default: %(default)s)')
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument('--sweep', action='store_true',
+                      help='the gain of hard distillation over none, from each teacher kind, at 1/8, 1/4 and 1/2 of '
+                           'the training scans; its report goes to <output_dir>/sweep, and the runs at 1/2 are the '
+                           'claims grid\'s, trained once for both (default: off, the claims grid)')
+    what.add_argument('--time-split', action='store_true',
+                      help=f'after the grid: where a run\'s time goes, {TIME_SPLIT_EPOCHS} epochs of its first '
+                           'hard-distilled student run as reproduce.py ran them before and as it runs them now; '
+                           'written to time_split.json, which the report\'s Time section shows (default: off)')
+    what.add_argument('--probe', action='store_true',
+                      help='the probe runs that chose the lengths of the runs, scored on the probe split '
+                           '(default: off)')
+    parser.add_argument('--output_dir', '--output-dir', default=None,
+                        help='folder of the runs, report.md, results.json and the figures (default: reproduce_out, '
+                             'reproduce_probe with --probe)')
     parser.add_argument('--quick', action='store_true',
-                        help='one seed, one epoch per run, a quarter of the images: checks the whole '
-                             'pipeline in about a minute; its figures mean nothing (default: off)')
+                        help='one seed, two epochs per run, 1/8 of the training images and a quarter of the test '
+                             'images: checks the whole pipeline in about a minute; its figures mean nothing '
+                             '(default: off)')
     parser.add_argument('--seeds', type=int, default=None,
-                        help='seeds per student variant (default: 5, 1 with --quick)')
+                        help=f'student seeds (default: {DEFAULT_SEEDS["grid"]} for the grid, {DEFAULT_SEEDS["sweep"]} '
+                             f'for --sweep, {PROBE_SEEDS} for --probe, 1 with --quick)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='device of the runs and the analyses (default: cuda when a GPU is present, else cpu; '
                              'here %(default)s)')
@@ -418,47 +404,96 @@ def check_setting(out: Path, name: str, setting: Setting) -> None:
     path.write_text(json.dumps({'name': name, **asdict(setting)}, indent=2) + '\n')
 
 
+@dataclass
+class Job:
+    """One invocation: what it runs, where, and with which data."""
+    kind: str                      # 'grid', 'sweep' or 'probe'
+    setting_name: str
+    setting: Setting
+    seeds: int
+    out: Path
+    runs: List[Run] = field(default_factory=list)
+    data: Dict[float, Path] = field(default_factory=dict)  # training fraction -> image folder
+
+
+def prepare(args: argparse.Namespace) -> Job:
+    """Check the flags, write the data folders, plan the runs."""
+    if args.seeds is not None and args.seeds < 1 or args.threads < 1 or (args.jobs or 1) < 1:
+        raise ValueError('--seeds, --jobs and --threads must be positive')
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda, but no GPU is visible: use --device cpu')
+    kind = 'sweep' if args.sweep else 'probe' if args.probe else 'grid'
+    name = 'quick' if args.quick else 'default'
+    setting = SETTINGS[name]
+    seeds = args.seeds or (1 if args.quick else DEFAULT_SEEDS[kind])
+    args.jobs = args.jobs or (1 if device.type == 'cuda' else min(os.cpu_count() or 1, 8))
+    out = Path(args.output_dir or ('reproduce_probe' if kind == 'probe' else 'reproduce_out'))
+    check_setting(out, name, setting)
+    job = Job(kind, name, setting, seeds, out)
+    if kind == 'probe':
+        job.data = {reproduce_data.POOL_END: reproduce_data.probe_folder(out)}
+    else:
+        job.runs = plan_sweep(setting, seeds) if kind == 'sweep' else plan_grid(setting, seeds)
+        fractions = sorted({r.fraction for r in job.runs})
+        job.data = {f: reproduce_data.test_folder(out, f, setting.quick) for f in fractions}
+    return job
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = get_args_parser()
     args = parser.parse_args(argv)
     try:
-        if args.seeds is not None and args.seeds < 1 or args.threads < 1 or (args.jobs or 1) < 1:
-            raise ValueError('--seeds, --jobs and --threads must be positive')
-        device = torch.device(args.device)
-        if device.type == 'cuda' and not torch.cuda.is_available():
-            raise ValueError('--device cuda, but no GPU is visible: use --device cpu')
-        name = 'quick' if args.quick else 'default'
-        setting, seeds = SETTINGS[name], args.seeds or (1 if args.quick else 5)
-        args.jobs = args.jobs or (1 if device.type == 'cuda' else min(os.cpu_count() or 1, 8))
-        out = Path(args.output_dir)
-        check_setting(out, name, setting)
+        job = prepare(args)
     except ValueError as e:
         parser.exit(EXIT_USER_ERROR, f'{parser.prog}: error: {e}\n')
-    made = made_by(argv, seeds, args)
-    runs = plan(setting, seeds)
-    print(f'{len(runs)} runs ({len(TEACHERS)} teachers, {len(VARIANTS)} student variants x {seeds} seeds), '
-          f'{args.jobs} at a time, {args.threads} thread(s) each, into {out / "runs"}', flush=True)
-    grid = Grid(runs, setting, out, args.device, args.jobs, args.threads)
+    made = made_by(argv, job.seeds, args)
+    planned = 'the probe in stages' if job.kind == 'probe' else f'{len(job.runs)} runs'
+    print(f'{planned} ({job.kind}, {job.setting_name} setting, {job.seeds} seed(s)), {args.jobs} at a time, '
+          f'{args.threads} thread(s) each, into {job.out / "runs"}', flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the runs in progress are stopped
     try:
-        trained = grid.run()
+        trained = 0
+        # The probe runs its lengths in stages, shortest first: a longer length is trained only where it can still
+        # change the choice.
+        for stage in PROBE_EPOCHS if job.kind == 'probe' else [None]:
+            runs = job.runs if stage is None else plan_probe(job.setting, job.seeds, undecided(job, stage), stage)
+            if stage is not None:
+                if args.quick:  # two epochs of the shortest length: the pipeline, not a length
+                    runs = [] if stage != PROBE_EPOCHS[0] else [
+                        Run(r.name, r.model, 2, r.seed, r.flags, variant=r.variant, fraction=r.fraction,
+                            warmup_epochs=1) for r in runs]
+                job.runs += runs
+            grid = Grid(runs, job.out, args.jobs, args.threads,
+                        lambda run: main_flags(run, job.setting, job.data[run.fraction], job.out, args.device))
+            trained += grid.run()
     except RuntimeError as e:
         parser.exit(EXIT_FAILED, f'{parser.prog}: {e}\n')
     except KeyboardInterrupt:
         parser.exit(EXIT_STOPPED, f'{parser.prog}: stopped; the same command goes on from where the runs stopped\n')
     torch.set_num_threads(args.threads)  # only now: the runs are forked from a process that computed nothing
-    measured = analyse_all(grid, device)
     made['finished'] = time.strftime('%Y-%m-%d %H:%M:%S')
-    made['runs trained by this command'] = f'{trained} of {len(runs)} (the others by an earlier start of it)'
-
-    description = reproduce_report.describe(setting, DIGITS_SIZES, TEACHERS)
-    if args.quick:
-        description.insert(0, '--quick: one seed, one epoch per run, a quarter of the images: a check that the '
-                              'pipeline runs end to end. Its figures mean nothing.')
-    reproduce_report.write(out, made, {'name': name, 'description': description, **asdict(setting)}, measured,
-                           agreement(measured))
-    print(f'wrote {out / "report.md"}, {out / "results.json"} and the figures in {out}')
+    made['runs trained by this command'] = f'{trained} of {len(job.runs)} (the others by an earlier start of it)'
+    if args.time_split:
+        try:
+            split = measure_time_split(job, args.device, args.threads)
+        except (ValueError, RuntimeError) as e:
+            parser.exit(EXIT_FAILED, f'{parser.prog}: {e}\n')
+        (job.out / 'time_split.json').write_text(json.dumps(split, indent=2) + '\n')
+    if job.kind == 'probe':
+        reproduce_report.write_probe(job.out, made, probe_results(job))
+    else:
+        setting = {'name': job.setting_name, **asdict(job.setting), 'chosen_by': CHOSEN_BY}
+        split = job.out / 'time_split.json'
+        measured = {**measure(job, torch.device(args.device)),
+                    'probe_images': len(reproduce_data.split_indices(reproduce_data.POOL_END)['probe']),
+                    'time_split': json.loads(split.read_text()) if split.exists() else None}
+        reports = job.out / 'sweep' if job.kind == 'sweep' else job.out
+        reports.mkdir(exist_ok=True)
+        reproduce_report.write(reports, made, setting, measured, sweep=job.kind == 'sweep')
+    reports = job.out / 'sweep' if job.kind == 'sweep' else job.out
+    print(f'wrote {reports / "report.md"}, {reports / "results.json"} and the figures in {reports}')
 
 
 if __name__ == '__main__':

@@ -1,11 +1,13 @@
-"""reproduce.py's report: the paper's figures, means over seeds, the claims and their verdicts, the figures
-(matplotlib, Agg) and report.md / results.json. Pure functions of what reproduce.py measured."""
+"""reproduce.py's report: the claims judged over seeds (verdicts.py), the paper's figures beside ours, the figures
+(reproduce_figures.py) and report.md / results.json. Pure functions of what reproduce.py measured."""
 import json
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+import reproduce_figures
+import verdicts
 
 HEADS = ('cls', 'dist', 'avg')
 HEAD_NAMES = {'cls': 'class head', 'dist': 'distillation head', 'avg': 'average of both'}
@@ -13,15 +15,10 @@ VARIANT_NAMES = {
     'none': 'DeiT-Ti, no distillation',
     'soft_convnet': 'DeiT-Ti distilled, soft, convnet teacher',
     'hard_convnet': 'DeiT-Ti distilled, hard, convnet teacher',
-    'soft_transformer': 'DeiT-Ti distilled, soft, transformer teacher',
     'hard_transformer': 'DeiT-Ti distilled, hard, transformer teacher',
     'two_class_tokens': 'control: second class token (--dist-head-on-labels)',
     'teacher_convnet': 'convnet teacher', 'teacher_transformer': 'transformer teacher',
 }
-SHORT_NAMES = {'none': 'no distillation', 'soft_convnet': 'soft,\nconvnet teacher',
-               'hard_convnet': 'hard,\nconvnet teacher', 'soft_transformer': 'soft,\ntransformer teacher',
-               'hard_transformer': 'hard,\ntransformer teacher',
-               'two_class_tokens': 'control:\ntwo class tokens'}
 
 # ============ the paper's figures (DeiT, arXiv 2012.12877: ImageNet top-1 %, 300 epochs, DeiT-B students) ============
 
@@ -50,6 +47,16 @@ PAPER_TABLE4 = [[0.000, 0.171, 0.182, 0.170, 0.169, 0.166],
                 [0.169, 0.100, 0.110, 0.050, 0.000, 0.019],
                 [0.166, 0.102, 0.107, 0.033, 0.019, 0.000]]
 
+# ============ rules fixed before the runs ============
+
+# A run's curve is flat when the mean over seeds gains less than CONVERGED_GAIN points of test top-1 over the last
+# CONVERGED_TAIL of its epochs.
+CONVERGED_GAIN, CONVERGED_TAIL = 1.0, 0.2
+# A run ending more than UNSTABLE_POINTS below the median of its variant is listed as unstable, with its best epoch.
+UNSTABLE_POINTS = 10.0
+# The claims whose power sets the number of seeds: they should detect HEADLINE_DELTA points at 80% power.
+HEADLINE_DELTA = 2.0
+
 # ============ numbers ============
 
 
@@ -69,245 +76,279 @@ def fmt(stat: Optional[Dict[str, Any]], digits: int = 1) -> str:
     return '—' if stat is None else f'{stat["mean"]:.{digits}f} ± {stat["std"]:.{digits}f}'
 
 
-def verdict(diffs: Sequence[float], kind: str) -> str:
-    """The verdict on paired per-seed differences a - b: kind '>' claims a > b, kind '<=' claims a is no better.
-
-    A difference counts when it exceeds two standard errors of its mean (about a 95% interval); one seed gives
-    its sign only.
-    """
-    d = np.asarray(diffs, dtype=float)
-    if len(d) < 2:
-        return f'one seed: no verdict (difference {d[0]:+.3g})'
-    m, se = d.mean(), d.std(ddof=1) / math.sqrt(len(d))
-    if kind == '>':
-        return 'holds' if m > 2 * se else ('reversed' if m < -2 * se else 'not shown (within 2 SE)')
-    return 'holds' if m <= 2 * se else 'does not hold (better by more than 2 SE)'
+def by_seed(runs: List[Dict[str, Any]]) -> Dict[str, Dict[int, Dict[str, Any]]]:
+    """variant -> student seed -> run record, for the runs of one grid (one training fraction); a teacher is filed
+    under the seed of the students it teaches."""
+    table: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    for r in runs:
+        seed = int(r['name'].rsplit('/seed', 1)[1])
+        table.setdefault(r['variant'], {})[seed] = r
+    return table
 
 
-def per_seed(measured: Dict[str, Any], agreement: Dict[str, Any]) -> Dict[str, Any]:
-    """Figures by variant and seed: top-1 per head, token cosines, disagreement of each head with each teacher."""
-    out: Dict[str, Any] = {'acc1': {}, 'params': {}, 'blocks': {}, 'table4': agreement['table4_per_seed']}
-    for r in sorted(measured['runs'].values(), key=lambda r: r['seed']):
-        if not r['variant']:
-            continue
-        for head, acc in r['acc1'].items():
-            out['acc1'].setdefault(r['variant'], {}).setdefault(head, []).append(acc)
-        if r['tokens']:
-            out['params'].setdefault(r['variant'], []).append(r['tokens']['params'])
-            out['blocks'].setdefault(r['variant'], []).append(r['tokens']['blocks'])
-    out['with_teachers'] = agreement['with_teachers']
-    return out
+def complete_seeds(table: Dict[str, Dict[int, Dict[str, Any]]]) -> List[int]:
+    """The seeds every variant of the table has (the student seeds; a teacher is filed under its student's seed)."""
+    return sorted(set.intersection(*(set(seeds) for seeds in table.values())))
 
 
-def summarise(measured: Dict[str, Any], seeds: Dict[str, Any]) -> Dict[str, Any]:
-    """Mean +- std over seeds of every figure of the report (the JSON behind its tables)."""
-    runs = measured['runs']
-    blocks = {v: np.asarray(b) for v, b in seeds['blocks'].items()}  # [seeds, depth]
-    table4 = np.asarray(seeds['table4'])  # [seeds, 6, 6]
-    return {
-        'teachers': {t: {'model': runs[f'teacher_{t}']['model'], 'epochs': runs[f'teacher_{t}']['epochs'],
-                         'acc1': runs[f'teacher_{t}']['acc1']['avg']} for t in ('convnet', 'transformer')},
-        'accuracy': {v: {h: mean_std(a) for h, a in heads.items()} for v, heads in seeds['acc1'].items()},
-        'tokens': {v: {'params': mean_std(seeds['params'][v]),
-                       'blocks_mean': b.mean(0).tolist(), 'blocks_std': (b.std(0, ddof=1) if len(b) > 1
-                                                                         else 0 * b[0]).tolist(),
-                       'last_block': mean_std(b[:, -1])} for v, b in blocks.items()},
-        'table4': {'names': TABLE4_NAMES, 'mean': table4.mean(0).tolist(),
-                   'std': (table4.std(0, ddof=1) if len(table4) > 1 else 0 * table4[0]).tolist(),
-                   'paper': PAPER_TABLE4},
-        'with_teachers': {v: {h: {t: mean_std(d) for t, d in ts.items()} for h, ts in heads.items()}
-                          for v, heads in seeds['with_teachers'].items()},
-    }
+def disagreement(a: Sequence[int], b: Sequence[int]) -> float:
+    """Fraction of test images on which two classifiers' top-1 differ (analyze.disagreement, on lists)."""
+    return float(np.mean(np.asarray(a) != np.asarray(b)))
 
 
-def claims(seeds: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The section 5 claims, each a paired comparison over seeds: (claim, paper, a, b, difference, verdict)."""
-    acc, table4 = seeds['acc1'], np.asarray(seeds['table4'])
-    last = {v: [b[-1] for b in blocks] for v, blocks in seeds['blocks'].items()}
-    spec = [
-        ('hard distillation beats soft (convnet teacher, both heads)', '83.0 vs 81.8 (T5, class token only)',
-         acc['hard_convnet']['avg'], acc['soft_convnet']['avg'], '>', '%'),
-        ('soft distillation is no better than none', '81.8 vs 81.8 (T5)',
-         acc['soft_convnet']['avg'], acc['none']['avg'], '<=', '%'),
-        ('hard distillation beats none', '83.4 vs 81.8 (T5)', acc['hard_convnet']['avg'], acc['none']['avg'], '>', '%'),
-        ('a convnet teacher beats a transformer teacher (hard, both heads)', '82.7 vs 81.9 (T2)',
-         acc['hard_convnet']['avg'], acc['hard_transformer']['avg'], '>', '%'),
-        ('the heads are complementary: both beat the class head (hard, convnet)', '83.4 vs 83.0 (T5)',
-         acc['hard_convnet']['avg'], acc['hard_convnet']['cls'], '>', '%'),
-        ('the heads are complementary: both beat the distillation head', '83.4 vs 83.1 (T5)',
-         acc['hard_convnet']['avg'], acc['hard_convnet']['dist'], '>', '%'),
-        ('the distillation head beats the class head', '83.1 vs 83.0 (T5)',
-         acc['hard_convnet']['dist'], acc['hard_convnet']['cls'], '>', '%'),
-        ('the distillation head agrees more with the convnet teacher than the class head (disagreement, class '
-         'vs distillation head)', '0.112 vs 0.100 (T4)', table4[:, 3, 1], table4[:, 4, 1], '>', 'fraction'),
-        ('the class head agrees more with DeiT without distillation than the distillation head (disagreement, '
-         'distillation vs class head)', '0.110 vs 0.109 (T4)', table4[:, 4, 2], table4[:, 3, 2], '>', 'fraction'),
-        ('two class tokens end closer than a class and a distillation token (cosine of the learned tokens)',
-         '0.999 vs 0.06 (text)', seeds['params']['two_class_tokens'], seeds['params']['hard_convnet'], '>', 'cosine'),
-        ('... and after the last block (cosine of the outputs)', 'quasi-identical vs 0.93 (text)',
-         last['two_class_tokens'], last['hard_convnet'], '>', 'cosine'),
-        ('the control (second class token) gains nothing over none', 'no gain (text)',
-         acc['two_class_tokens']['avg'], acc['none']['avg'], '<=', '%'),
-    ]
-    result = []
-    for text, paper, a, b, kind, unit in spec:
-        diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-        result.append({'claim': text, 'paper': paper, 'unit': unit, 'a': mean_std(a), 'b': mean_std(b),
-                       'difference': mean_std(diff), 'kind': kind, 'verdict': verdict(diff, kind)})
+def convergence(table: Dict[str, Dict[int, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """Per variant: the mean curve's gain over the last CONVERGED_TAIL of the epochs, and whether it is flat."""
+    result = {}
+    for variant, seeds in table.items():
+        curves = [r['curve'] for r in seeds.values()]
+        epochs = min(len(c) for c in curves)
+        mean = np.mean([[acc for _, acc in c[:epochs]] for c in curves], axis=0)
+        at = [e for e, _ in curves[0][:epochs]]
+        last = at[-1]
+        start = max(i for i, e in enumerate(at) if e <= (1 - CONVERGED_TAIL) * last) if at[0] < last else 0
+        gain = float(mean[-1] - mean[start])
+        result[variant] = {'from_epoch': at[start], 'to_epoch': last, 'gain': gain, 'flat': gain < CONVERGED_GAIN}
     return result
 
-# ============ figures ============
+
+def unstable(table: Dict[str, Dict[int, Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """The runs ending UNSTABLE_POINTS or more below their variant's median, with their best test top-1 on the way."""
+    found = []
+    for variant, seeds in table.items():
+        median = float(np.median([r['final']['avg'] for r in seeds.values()]))
+        for seed, r in seeds.items():
+            if r['final']['avg'] <= median - UNSTABLE_POINTS:
+                best = max(r['curve'], key=lambda point: point[1])
+                found.append({'variant': variant, 'seed': seed, 'final': r['final']['avg'], 'median': median,
+                              'best': best[1], 'best_epoch': best[0]})
+    return found
+
+# ============ the claims ============
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    return plt
+def grid_claims(table: Dict[str, Dict[int, Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """The paper's section 5 claims, each a paired comparison over the seeds every variant has: claim, paper, the
+    per-seed values a and b, the margin of an equivalence claim (None for a directional one), unit, headline."""
+    seeds = complete_seeds(table)
+
+    def acc(variant: str, head: str = 'avg') -> List[float]:
+        return [table[variant][s]['final'][head] for s in seeds]
+
+    def agree(variant: str, head: str, teacher: str = 'teacher_convnet') -> List[float]:
+        return [disagreement(table[variant][s]['predictions'][head], table[teacher][s]['predictions']['avg'])
+                for s in seeds]
+
+    def tokens(variant: str, key: str, index: Optional[int] = None) -> List[float]:
+        values = [table[variant][s]['tokens'][key] for s in seeds]
+        return [v[index] for v in values] if index is not None else values
+
+    margin = verdicts.MARGIN
+    spec = [
+        ('hard distillation beats none (convnet teacher, both heads)', '83.4 vs 81.8 (T5)', 'hard - none',
+         acc('hard_convnet'), acc('none'), None, 'points', True),
+        ('hard distillation beats soft (convnet teacher, both heads)', '83.4 vs 81.8 (T5)', 'hard - soft',
+         acc('hard_convnet'), acc('soft_convnet'), None, 'points', True),
+        ('a convnet teacher beats a transformer teacher (hard, both heads)', '82.7 vs 81.9 (T2)',
+         'convnet - transformer teacher', acc('hard_convnet'), acc('hard_transformer'), None, 'points', True),
+        ('soft distillation is no better than none', '81.8 vs 81.8 (T5)', 'soft - none', acc('soft_convnet'),
+         acc('none'), margin, 'points', False),
+        ('the control (a second class token) gains nothing over none', 'no gain (text)', 'control - none',
+         acc('two_class_tokens'), acc('none'), margin, 'points', False),
+        ('hard distillation beats the control', '83.4 vs no gain (T5, text)', 'hard - control', acc('hard_convnet'),
+         acc('two_class_tokens'), None, 'points', False),
+        ('the heads are complementary: their average beats the class head (hard, convnet)', '83.4 vs 83.0 (T5)',
+         'avg - cls', acc('hard_convnet'), acc('hard_convnet', 'cls'), None, 'points', False),
+        ('... and the distillation head', '83.4 vs 83.1 (T5)', 'avg - dist', acc('hard_convnet'),
+         acc('hard_convnet', 'dist'), None, 'points', False),
+        ('the distillation head is as accurate as the class head', '83.1 vs 83.0 (T5)', 'dist - cls',
+         acc('hard_convnet', 'dist'), acc('hard_convnet', 'cls'), margin, 'points', False),
+        ('a distilled student agrees more with the convnet teacher than DeiT without distillation (disagreement, '
+         'none vs hard student)', '0.133 vs 0.102 (T4)', 'none - hard', agree('none', 'avg'),
+         agree('hard_convnet', 'avg'), None, '', False),
+        ('the distillation head agrees more with the convnet teacher than the class head (disagreement, class vs '
+         'distillation head)', '0.112 vs 0.100 (T4)', 'cls - dist', agree('hard_convnet', 'cls'),
+         agree('hard_convnet', 'dist'), None, '', False),
+        ('two class tokens end closer than a class and a distillation token (cosine of the learned tokens)',
+         '0.999 vs 0.06 (text)', 'control - hard', tokens('two_class_tokens', 'cos_end'),
+         tokens('hard_convnet', 'cos_end'), None, '', False),
+        ('... and after the last block and the final norm (cosine of the outputs the heads read)',
+         'quasi-identical vs 0.93 (text)', 'control - hard', tokens('two_class_tokens', 'blocks_normed', -1),
+         tokens('hard_convnet', 'blocks_normed', -1), None, '', False),
+    ]
+    return [{'claim': text, 'paper': paper, 'label': label, 'a': a, 'b': b, 'seeds': seeds, 'margin': m,
+             'unit': unit, 'headline': headline} for text, paper, label, a, b, m, unit, headline in spec]
 
 
-def plot_accuracy(summary: Dict[str, Any], out: Path) -> None:
-    """Top-1 of every variant and head, mean and std over seeds; the teachers as dashed lines."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=100)
-    variants = list(summary['accuracy'])
-    for i, head in enumerate(HEADS):
-        stats = [summary['accuracy'][v].get(head) for v in variants]
-        x = [j + (i - 1) * 0.27 for j, s in enumerate(stats) if s]
-        ax.bar(x, [s['mean'] for s in stats if s], 0.27, yerr=[s['std'] for s in stats if s], capsize=3,
-               label=HEAD_NAMES[head])
-    for (teacher, t), style in zip(summary['teachers'].items(), ('--', ':')):
-        ax.axhline(t['acc1'], color='k', linestyle=style, linewidth=1, label=f'{teacher} teacher ({t["model"]})')
-    ax.set_xticks(range(len(variants)), [SHORT_NAMES[v] for v in variants], fontsize=8)
-    ax.set_xlabel('DeiT-Ti student')
-    ax.set_ylabel('top-1 accuracy on DIGITS val (%)')
-    lows = [s['mean'] - s['std'] for heads in summary['accuracy'].values() for s in heads.values()]
-    ax.set_ylim(max(0.0, min(lows) - 5), 100)
-    ax.legend(fontsize=7, loc='lower center', bbox_to_anchor=(0.5, 1.0), ncol=5, frameon=False)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+def sweep_claims(tables: Dict[float, Dict[str, Dict[int, Dict[str, Any]]]]) -> List[Dict[str, Any]]:
+    """At each training fraction: the gain of hard distillation over none from each teacher, and convnet against
+    transformer teacher."""
+    found = []
+    for fraction, table in tables.items():
+        seeds = complete_seeds(table)
+        acc = {v: [table[v][s]['final']['avg'] for s in seeds] for v in table}
+        images = table['none'][seeds[0]]['train_images']
+        for label, a, b, paper in (('hard (convnet) - none', 'hard_convnet', 'none', '83.4 vs 81.8 (T5)'),
+                                   ('hard (transformer) - none', 'hard_transformer', 'none', '81.9 vs 81.8 (T2, T5)'),
+                                   ('convnet - transformer teacher', 'hard_convnet', 'hard_transformer',
+                                    '82.7 vs 81.9 (T2)')):
+            found.append({'claim': f'{label}, {images} training images ({images // 10} per class)', 'paper': paper,
+                          'label': label, 'a': acc[a], 'b': acc[b], 'seeds': seeds, 'margin': None, 'unit': 'points',
+                          'headline': False, 'fraction': fraction, 'images_per_class': images / 10})
+    return found
 
 
-def plot_token_cosines(summary: Dict[str, Any], out: Path) -> None:
-    """Cosine of the class and distillation tokens: learned (block 0) then after each block, mean and std."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=100)
-    for variant, t in summary['tokens'].items():
-        mean = [t['params']['mean'], *t['blocks_mean']]
-        std = np.asarray([t['params']['std'], *t['blocks_std']])
-        x = np.arange(len(mean))
-        ax.plot(x, mean, marker='o', markersize=3, label=VARIANT_NAMES[variant])
-        ax.fill_between(x, np.asarray(mean) - std, np.asarray(mean) + std, alpha=0.15)
-    ax.axhline(0.93, color='k', linestyle=':', linewidth=1, label='paper: 0.93 after the last block')
-    ax.axhline(0.06, color='k', linestyle='--', linewidth=1, label='paper: 0.06 between the learned tokens')
-    ax.set_xlabel('block (0: the learned tokens, i: the output of block i)')
-    ax.set_ylabel('cosine similarity (class, distillation token)')
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+def judge(found: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Each claim with its per-seed differences and its judgement (verdicts.judge: Holm over the whole list)."""
+    differences = [list(np.asarray(c['a'], dtype=float) - np.asarray(c['b'], dtype=float)) for c in found]
+    judged = verdicts.judge([(d, c['margin']) for d, c in zip(differences, found)])
+    result = []
+    for c, d, j in zip(found, differences, judged):
+        digits = 1 if c['unit'] == 'points' else 3
+        record = {**c, 'differences': d, **j.to_dict(), 'line': verdicts.line(j, c['label'], c['unit'], digits)}
+        if c['headline'] and j.stat.sd:
+            record['seeds_for_2_points'] = verdicts.seeds_needed(j.stat.sd, HEADLINE_DELTA)
+        result.append(record)
+    return result
+
+# ============ summaries ============
 
 
-def plot_disagreement(summary: Dict[str, Any], out: Path) -> None:
-    """Table 4: ours (mean over seeds) beside the paper's, as two heat maps with their figures."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=100)
-    names = summary['table4']['names']
-    for ax, matrix, title in zip(axes, (summary['table4']['mean'], summary['table4']['paper']),
-                                 ('ours (DIGITS val, mean over seeds)', 'paper (ImageNet val, Table 4)')):
-        image = ax.imshow(matrix, cmap='viridis', vmin=0)
-        for i, row in enumerate(matrix):
-            for j, value in enumerate(row):
-                ax.text(j, i, f'{value:.3f}', ha='center', va='center', fontsize=7, color='w')
-        ax.set_xticks(range(len(names)), names, rotation=45, ha='right', fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(image, ax=ax, label='fraction of val images classified differently')
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+def accuracy_summary(table: Dict[str, Dict[int, Dict[str, Any]]]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """variant -> head -> {'test': mean_std on all test images, 'val': on DIGITS' 355 val scans}."""
+    return {v: {h: {'test': mean_std([r['final'][h] for r in seeds.values()]),
+                    'val': mean_std([r['final_val'][h] for r in seeds.values()])}
+                for h in next(iter(seeds.values()))['final']}
+            for v, seeds in table.items()}
 
 
-def plot_curves(measured: Dict[str, Any], out: Path) -> None:
-    """Test top-1 and train loss per epoch: each teacher, and each student variant's mean over seeds."""
-    plt = _pyplot()
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    curves: Dict[str, List[List[Dict[str, Any]]]] = {}
-    for name, r in measured['runs'].items():
-        curves.setdefault(r['variant'] or name, []).append(r['log'])
-    for label, logs in curves.items():
-        length = min(len(log) for log in logs)
-        epochs = [line['epoch'] + 1 for line in logs[0][:length]]
-        for ax, key in ((acc_ax, 'test_acc1'), (loss_ax, 'train_loss')):
-            ax.plot(epochs, np.mean([[line[key] for line in log[:length]] for log in logs], axis=0),
-                    label=VARIANT_NAMES.get(label, label), linestyle='--' if label.startswith('teacher') else '-')
-    acc_ax.set_ylabel('test top-1 accuracy (%)')
-    loss_ax.set_ylabel('train loss, each run\'s own objective (nats per image)')
-    for ax in (acc_ax, loss_ax):
-        ax.set_xlabel('epoch')
-    acc_ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+def table4(table: Dict[str, Dict[int, Dict[str, Any]]], labels: Sequence[int]) -> Dict[str, Any]:
+    """The paper's Table 4 per seed (the student and the plain DeiT of seed k, with the convnet teacher of seed k),
+    and its mean and std over seeds."""
+    matrices = []
+    for s in complete_seeds(table):
+        hard = table['hard_convnet'][s]['predictions']
+        rows = [labels, table['teacher_convnet'][s]['predictions']['avg'], table['none'][s]['predictions']['avg'],
+                hard['cls'], hard['dist'], hard['avg']]
+        matrices.append([[disagreement(a, b) for b in rows] for a in rows])
+    m = np.asarray(matrices)
+    return {'names': TABLE4_NAMES, 'per_seed': matrices, 'mean': m.mean(0).tolist(),
+            'std': (m.std(0, ddof=1) if len(m) > 1 else 0 * m[0]).tolist(), 'paper': PAPER_TABLE4}
 
 
-FIGURES = {'accuracy.png': plot_accuracy, 'token_cosines.png': plot_token_cosines,
-           'disagreement.png': plot_disagreement}
+def token_summary(table: Dict[str, Dict[int, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """Per distilled variant: cosine of the learned tokens at initialisation and at the end, how far each moved, and
+    the cosine of their outputs per block before and after the final norm (mean and std over seeds)."""
+    result = {}
+    for variant, seeds in table.items():
+        t = [r['tokens'] for r in seeds.values() if r.get('tokens')]
+        if not t:
+            continue
+        blocks, normed = np.asarray([x['blocks'] for x in t]), np.asarray([x['blocks_normed'] for x in t])
+        result[variant] = {
+            **{k: mean_std([x[k] for x in t]) for k in ('cos_init', 'cos_end', 'moved_cls', 'moved_dist')},
+            'last_block': mean_std(blocks[:, -1]), 'last_block_normed': mean_std(normed[:, -1]),
+            'blocks_mean': blocks.mean(0).tolist(), 'blocks_normed_mean': normed.mean(0).tolist(),
+            'blocks_std': (blocks.std(0, ddof=1) if len(t) > 1 else 0 * blocks[0]).tolist(),
+            'blocks_normed_std': (normed.std(0, ddof=1) if len(t) > 1 else 0 * normed[0]).tolist()}
+    return result
 
-# ============ report.md and results.json ============
+
+def teacher_summary(table: Dict[str, Dict[int, Dict[str, Any]]], runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The teachers of the students of each seed, over seeds, and the gaps paired by student seed: convnet -
+    transformer teacher, convnet teacher - plain student. The transformer teacher of seed k is a plain DeiT-Ti run
+    (reproduce.teacher_of), found in ``runs`` by the name the hard-distilled student recorded."""
+    seeds = complete_seeds(table)
+    by_name = {r['name']: r for r in runs}
+    teachers = {'convnet': [table['teacher_convnet'][s] for s in seeds],
+                'transformer': [by_name[table['hard_transformer'][s]['teacher']] for s in seeds]}
+
+    def acc(records: List[Dict[str, Any]], key: str = 'final') -> np.ndarray:
+        return np.asarray([r[key]['avg'] for r in records])
+
+    gaps = {'convnet - transformer teacher': acc(teachers['convnet']) - acc(teachers['transformer']),
+            'convnet teacher - plain student (none)': acc(teachers['convnet']) - acc([table['none'][s] for s in seeds])}
+    return {'teachers': {t: {'model': r[0]['model'], 'epochs': r[0]['epochs'], 'test': mean_std(acc(r)),
+                             'val': mean_std(acc(r, 'final_val')), 'seeds': [x['seed'] for x in r]}
+                         for t, r in teachers.items()},
+            'gaps': {name: verdicts.paired(list(g)).to_dict() for name, g in gaps.items()}}
+
+# ============ report.md ============
 
 
-def describe(setting: Any, sizes: Dict[str, int], teachers: Dict[str, str]) -> List[str]:
-    """Why the setting is what it is, one line per choice."""
-    train, val = round(setting.train_fraction * sizes['train']), round(setting.val_fraction * sizes['val'])
+def describe(setting: Dict[str, Any], sizes: Dict[str, int], probe: Dict[str, str]) -> List[str]:
+    """The setting, one line per choice, each with what chose it."""
+    per_class = sizes['train'] // 10
     return [
-        f'Data: DIGITS, {train} training images ({setting.train_fraction:.0%} of {sizes["train"]}, about '
-        f'{train // 10} per class) and {val} validation images ({setting.val_fraction:.0%} of {sizes["val"]}). '
-        'A data-poor regime on purpose: the '
-        'paper\'s point is that a transformer, which lacks a convnet\'s inductive biases, learns them from a convnet '
-        'teacher when data alone does not teach them (ImageNet has about 1,300 images per class).',
-        f'Input {setting.input_size}x{setting.input_size}: the 8x8 scans upscaled 4x, 2x2 patches of 16 pixels for '
-        'DeiT-Ti (patch 16), and main.py\'s recipe for small inputs (a padded random crop instead of '
-        'RandomResizedCrop, which at 8% of the area would keep a corner of a digit).',
-        f'Recipe: main.py\'s defaults, the paper\'s Table 9 (AdamW, weight decay 0.05, cosine schedule, 5 warmup '
-        'epochs, label smoothing 0.1, RandAugment, random erasing 0.25, Mixup 0.8, CutMix 1.0, stochastic depth 0.1), '
-        f'batch {setting.batch_size}, except: lr {setting.lr:g} per step unscaled (the paper\'s value for its batch '
-        'of 512; scaling it by 64/512 would leave a few hundred steps at 6e-5), and no weight EMA (its 0.99996 decay '
-        'per step leaves the average at its start in a run this short; the paper found EMA of little help).',
-        f'Length: {setting.student_epochs} epochs per student '
-        f'({setting.student_epochs * (train // setting.batch_size)} steps of {setting.batch_size} images, what '
-        f'{len(SHORT_NAMES)} variants x 5 seeds afford in under an hour on 2 CPU cores). The teachers train '
-        'longer, so that each is clearly better than a student trained alone (the '
-        f'paper\'s teachers are converged models): {setting.transformer_epochs} epochs for the transformer (a plain '
-        f'DeiT-Ti, the student\'s architecture, as the paper\'s DeiT-B teacher of DeiT-B students) and '
-        f'{setting.convnet_epochs} for the convnet ({teachers["convnet"]}), which learns more slowly per step here '
-        '(probes of 30 epochs on all 1442 images, before any student: regnety_002 54%, DeiT-Ti 81%), to come near the '
-        'transformer\'s accuracy as the paper\'s pair of teachers (RegNetY-8GF 81.7, DeiT-B 81.8). Every setting '
-        'was chosen before any student was trained, and none was changed after.',
-        'Distillation: --distillation-alpha 0.5 and --distillation-tau 1.0 (main.py\'s defaults, the paper\'s). '
-        'Students evaluate the average of both heads (--eval-head avg) during training; each head is measured '
-        'after training on the final weights (not the best epoch\'s, which would select on the validation images).',
+        f'Data: DIGITS (real 8x8 scans of handwritten digits). Training: {sizes["train"]} images '
+        f'({setting["fraction"]:g} of each digit\'s training scans, about {per_class} per class), a data-poor regime '
+        'on purpose: the paper\'s point is that a transformer, which lacks a convnet\'s inductive biases, learns '
+        'them from a convnet teacher when data alone does not teach them (ImageNet has about 1,300 images per '
+        'class). Test: DIGITS\' '
+        f'{sizes["val"]} validation scans and the {sizes["heldout"]} training scans that no run trains on and no '
+        f'choice looked at ({sizes["val"] + sizes["heldout"]} in all; both figures are given). Settings were '
+        f'chosen on the {sizes["probe"]} scans of the probe split (reproduce_data.py).',
+        f'Input {setting["input_size"]}x{setting["input_size"]}: the 8x8 scans upscaled 4x, 2x2 patches of 16 pixels '
+        'for DeiT-Ti, and main.py\'s recipe for small inputs (a padded random crop instead of RandomResizedCrop).',
+        'Recipe: main.py\'s defaults, the paper\'s Table 9 (AdamW, weight decay 0.05, cosine schedule, label '
+        'smoothing 0.1, RandAugment, random erasing 0.25, Mixup 0.8, CutMix 1.0, stochastic depth 0.1), batch '
+        f'{setting["batch_size"]}, {setting["warmup_epochs"]} warm-up epochs, except: lr {setting["lr"]:g} per step '
+        'unscaled (the paper\'s value for its batch of 512), and no weight EMA (the paper found it of little help, '
+        'its Table 8). Distillation: --distillation-alpha 0.5, --distillation-tau 1.0 (the paper\'s).',
+        f'Length: {setting["student_epochs"]} epochs for every student and for the transformer teachers '
+        f'({probe["student"]}); {setting["convnet_epochs"]} epochs for the convnet teachers ({probe["convnet"]}). A '
+        'run at another training fraction keeps the number of optimizer steps (more epochs of fewer images).',
+        'Teachers: student seed k learns from the convnet teacher of seed k (trained with seed 1000 + k) and, as its '
+        'transformer teacher, from the plain DeiT-Ti of seed k + 1 (cyclically): a DeiT-Ti with the students\' '
+        'recipe and length, as the paper\'s DeiT-B teacher of DeiT-B students, trained once for both uses. Each '
+        'student has teachers of its own, so that a claim about teachers holds over teachers, not over one model of '
+        'each kind; the teacher of a hard-distilled student is never the baseline it is compared with (the plain '
+        'DeiT-Ti of its own seed). A plain run teaching the previous seed\'s student makes neighbouring differences '
+        '"hard (transformer) - none" slightly anti-correlated, which widens their interval: conservative.',
+        'Every head is measured on the final weights (not the best epoch\'s, which would select on the test images). '
+        f'Training curves are evaluated every {setting["eval_every"]} epochs (main.py --eval-every).',
     ]
 
 
-def _accuracy_rows(summary: Dict[str, Any]) -> List[str]:
-    rows = ['| variant | head | runs | top-1 (%), ours | paper (ImageNet, DeiT-B) |', '|---|---|---|---|---|']
-    for variant, heads in summary['accuracy'].items():
-        for head, stat in heads.items():
-            shown = head if len(heads) > 1 else 'the only head'
-            rows.append(f'| {VARIANT_NAMES[variant]} | {shown} | {stat["n"]} | {fmt(stat)} | '
-                        f'{PAPER_ACCURACY.get((variant, head), "—")} |')
+def _claim_rows(judged: List[Dict[str, Any]]) -> List[str]:
+    rows = ['| claim | paper | ours: a vs b (n) | a - b, 95% CI | p | verdict | after Holm (p) '
+            '| detectable at 80% power |', '|---|---|---|---|---|---|---|---|']
+    for c in judged:
+        d = 1 if c['unit'] == 'points' else 3
+        a, b = np.mean(c['a']), np.mean(c['b'])
+        ci = f'[{c["ci95"][0]:.{d}f}, {c["ci95"][1]:.{d}f}]' if c['ci95'] else c['note']
+        margin = f'; 90% CI [{c["ci90"][0]:.{d}f}, {c["ci90"][1]:.{d}f}] vs ±{c["margin"]:g}' if (
+            c['margin'] is not None and c['ci90']) else ''
+        p = '—' if c['p'] is None else f'{c["p"]:.3f}'
+        if c['margin'] is not None and c['p_equivalence'] is not None:
+            p += f' (equiv. {c["p_equivalence"]:.3f})'
+        holm = '—' if c['p_holm'] is None else f'{c["p_holm"]:.3f}'
+        if c['margin'] is not None and c['p_equivalence_holm'] is not None:
+            holm += f', equiv. {c["p_equivalence_holm"]:.3f}'
+        mdd = '—' if c['mdd'] is None else f'{c["mdd"]:.{d}f}'
+        rows.append(f'| {c["claim"]} | {c["paper"]} | {a:.{d}f} vs {b:.{d}f} ({c["n"]}) | {c["mean"]:+.{d}f} {ci}'
+                    f'{margin} | {p} | **{c["verdict"]}** | **{c["verdict_holm"]}** ({holm}) | {mdd} |')
     return rows
 
 
-def _token_rows(summary: Dict[str, Any]) -> List[str]:
-    rows = ['| variant | runs | learned tokens, ours | paper | after the last block, ours | paper |',
+def _accuracy_rows(summary: Dict[str, Dict[str, Dict[str, Any]]], n_test: int, n_val: int) -> List[str]:
+    rows = [f'| variant | head | runs | top-1 (%), {n_test} test images | on the {n_val} val scans | paper |',
             '|---|---|---|---|---|---|']
-    for variant, t in summary['tokens'].items():
+    for variant, heads in summary.items():
+        for head, stat in heads.items():
+            shown = head if len(heads) > 1 else 'the only head'
+            rows.append(f'| {VARIANT_NAMES[variant]} | {shown} | {stat["test"]["n"]} | {fmt(stat["test"])} | '
+                        f'{fmt(stat["val"])} | {PAPER_ACCURACY.get((variant, head), "—")} |')
+    return rows
+
+
+def _token_rows(tokens: Dict[str, Dict[str, Any]]) -> List[str]:
+    rows = ['| variant | runs | learned tokens at init | at the end | paper | moved: class token | distillation token '
+            '| after the last block | after it and the final norm | paper |', '|---' * 10 + '|']
+    for variant, t in tokens.items():
         paper = PAPER_TOKENS.get(variant, ('—', '—'))
-        rows.append(f'| {VARIANT_NAMES[variant]} | {t["params"]["n"]} | {fmt(t["params"], 3)} | {paper[0]} | '
-                    f'{fmt(t["last_block"], 3)} | {paper[1]} |')
+        rows.append(f'| {VARIANT_NAMES[variant]} | {t["cos_end"]["n"]} | {fmt(t["cos_init"], 3)} | '
+                    f'{fmt(t["cos_end"], 3)} | {paper[0]} | {fmt(t["moved_cls"], 3)} | {fmt(t["moved_dist"], 3)} | '
+                    f'{fmt(t["last_block"], 3)} | {fmt(t["last_block_normed"], 3)} | {paper[1]} |')
     return rows
 
 
@@ -316,94 +357,243 @@ def _matrix_rows(names: List[str], cells: List[List[str]]) -> List[str]:
             + [f'| {name} | {" | ".join(row)} |' for name, row in zip(names, cells)])
 
 
-def _agreement_rows(summary: Dict[str, Any]) -> List[str]:
-    rows = ['| variant | head | runs | disagreement with the convnet teacher | with the transformer teacher |',
-            '|---|---|---|---|---|']
-    for variant, heads in summary['with_teachers'].items():
-        for head, ts in heads.items():
-            rows.append(f'| {VARIANT_NAMES[variant]} | {head} | {ts["convnet"]["n"]} | {fmt(ts["convnet"], 3)} | '
-                        f'{fmt(ts["transformer"], 3)} |')
+def _convergence_rows(found: Dict[str, Dict[str, Any]]) -> List[str]:
+    rows = ['| runs of | epochs | mean test top-1 gained over the last 20% of epochs | flat? |', '|---|---|---|---|']
+    for variant, c in found.items():
+        rows.append(f'| {VARIANT_NAMES.get(variant, variant)} | {c["from_epoch"]} -> {c["to_epoch"]} | '
+                    f'{c["gain"]:+.2f} | {"yes" if c["flat"] else "**no**"} |')
     return rows
 
 
-def _claim_rows(found: List[Dict[str, Any]]) -> List[str]:
-    rows = ['| claim | paper | ours: a vs b | paired difference a - b (runs) | verdict |', '|---|---|---|---|---|']
-    for c in found:
-        digits = 1 if c['unit'] == '%' else 3
-        rows.append(f'| {c["claim"]} | {c["paper"]} | {c["a"]["mean"]:.{digits}f} vs {c["b"]["mean"]:.{digits}f} | '
-                    f'{fmt(c["difference"], digits)} ({c["difference"]["n"]}) | **{c["verdict"]}** |')
+def _stability_rows(table: Dict[str, Dict[int, Dict[str, Any]]], found: List[Dict[str, Any]]) -> List[str]:
+    rows = ['| variant | final top-1 of each seed (%) |', '|---|---|']
+    for variant, seeds in table.items():
+        finals = ', '.join(f'{r["final"]["avg"]:.1f}' for _, r in sorted(seeds.items()))
+        rows.append(f'| {VARIANT_NAMES.get(variant, variant)} | {finals} |')
+    rows.append('')
+    if not found:
+        rows.append(f'No run ended {UNSTABLE_POINTS:g} points or more below the median of its variant.')
+    for u in found:
+        rows.append(f'- {VARIANT_NAMES.get(u["variant"], u["variant"])}, seed {u["seed"]}: {u["final"]:.1f} at the '
+                    f'end, {u["median"] - u["final"]:.1f} below the median; its best evaluated epoch was '
+                    f'{u["best_epoch"]} at {u["best"]:.1f}'
+                    + (' (it learned, then lost it: a divergence)' if u['best'] > u['median'] - 5
+                       else ' (it never reached its variant\'s level)'))
     return rows
 
 
-def _timing_rows(measured: Dict[str, Any]) -> List[str]:
+def _timing_rows(runs: List[Dict[str, Any]], split: Optional[Dict[str, Any]]) -> List[str]:
+    """Wall and CPU time per kind of run, where it went, and --time-split's before / after."""
     kinds: Dict[str, List[Dict[str, Any]]] = {}
-    for name, r in measured['runs'].items():
-        kinds.setdefault(r['variant'] or name, []).append(r['done'])
-    rows = ['| runs of | count | epochs | wall time per run | CPU time per run |', '|---|---|---|---|---|']
-    for kind, done in kinds.items():
-        rows.append(f'| {VARIANT_NAMES.get(kind, kind)} | {len(done)} | {done[0]["epochs"]} | '
-                    f'{duration(np.mean([d["wall_s"] for d in done]))} | '
-                    f'{duration(np.mean([d["cpu_s"] for d in done]))} |')
-    cpu = sum(r['done']['cpu_s'] for r in measured['runs'].values())
-    rows += ['', f'All runs together used {duration(cpu)} of CPU time (user + system, each run on '
-             f'{next(iter(measured["runs"].values()))["done"]["threads"]} thread(s)). On an idle machine with C cores '
-             f'running C runs side by side the grid takes about that divided by C: {duration(cpu / 2)} on 2 cores.']
+    for r in runs:
+        kinds.setdefault(r['variant'], []).append(r)
+    rows = ['| runs of | count | epochs | optimizer steps | wall time per run | CPU time per run |',
+            '|---|---|---|---|---|---|']
+    for kind, rs in kinds.items():
+        rows.append(f'| {VARIANT_NAMES.get(kind, kind)} | {len(rs)} | {rs[0]["epochs"]} | {rs[0]["steps"]} | '
+                    f'{duration(np.mean([r["done"]["wall_s"] for r in rs]))} | '
+                    f'{duration(np.mean([r["done"]["cpu_s"] for r in rs]))} |')
+    cpu = sum(r['done']['cpu_s'] for r in runs)
+    rows += ['', f'All runs together used {duration(cpu)} of CPU time (user + system, one thread per run). On an idle '
+             f'machine with C cores running C runs side by side that takes about the CPU time divided by C: '
+             f'{duration(cpu / 2)} on 2 cores.']
+    splits = [r['done']['split'] for r in runs if r['done'].get('split')]
+    if splits:
+        total = sum(s['total'] for s in splits)
+        rows += ['', 'Where the wall time of these runs went (reproduce_grid.Timers, summed over the runs):', '',
+                 '| part | share |', '|---|---|',
+                 *[f'| {part} | {sum(s[part] for s in splits) / total:.1%} |' for part in SPLIT_PARTS]]
+    if split:
+        before, after = split['before'], split['after']
+        rows += ['', f'Before and after (`python reproduce.py --time-split`): {split["epochs"]} epochs of '
+                 f'{split["run"]}, run as reproduce.py ran its runs before (a new interpreter each, evaluated after '
+                 f'every epoch) and as it runs them now (a fork of reproduce.py, evaluated every '
+                 f'{split["eval_every"]} epochs), one after '
+                 'the other on the same machine. Seconds of wall time:', '',
+                 '| part | before | after |', '|---|---|---|',
+                 *[f'| {part} | {before[part]:.1f} | {after[part]:.1f} |' for part in (*SPLIT_PARTS, 'total')]]
     return rows
 
 
-def markdown(made: Dict[str, Any], setting: Dict[str, Any], summary: Dict[str, Any],
-             found: List[Dict[str, Any]], measured: Dict[str, Any]) -> str:
-    """report.md: what made it, the setting, then every table with the paper's figure in its own column."""
-    t4 = summary['table4']
-    teachers = summary['teachers']
+SPLIT_PARTS = ('start-up', 'data', 'training step', 'teacher', 'evaluation', 'checkpoints', 'other')
+
+
+def markdown(made: Dict[str, Any], setting: Dict[str, Any], r: Dict[str, Any]) -> str:
+    """report.md of the claims grid: what made it, the setting, the verdicts, then every table."""
+    t4 = r['table4']
+    teachers = r['teachers']
+    headline = [c for c in r['claims'] if c['headline']]
     lines = [
         '# The distillation findings of DeiT (section 5), reproduced at small scale on DIGITS', '',
-        '## What made this report', '',
-        *[f'- {key}: `{value}`' for key, value in made.items()], '',
-        f'## Setting ({setting["name"]})', '', *[f'- {line}' for line in setting['description']], '',
+        '## What made this report', '', *[f'- {key}: `{value}`' for key, value in made.items()], '',
+        '## Setting', '', *[f'- {line}' for line in setting['description']], '',
         'Figures are mean ± standard deviation over seeds (sample std), with the number of runs; the paper\'s '
         'figures are ImageNet top-1 of DeiT-B (300 epochs): they sit beside ours for the direction of each effect, '
         'not its size. T2 / T4 / T5: the paper\'s Tables 2, 4 and 5.', '',
-        '## Teachers', '', '| teacher | model | epochs | top-1 (%), ours | paper |', '|---|---|---|---|---|',
-        *[f'| {t} | {v["model"]} | {v["epochs"]} | {v["acc1"]:.1f} | {PAPER_TEACHERS[t]} |'
-          for t, v in teachers.items()], '',
-        '## Accuracy of each variant and head (Table 5, Table 2)', '', *_accuracy_rows(summary), '',
+        '## The claims', '',
+        'Each claim is a paired comparison over seeds (a and b of the same seed, and the same teachers), judged by '
+        'verdicts.py with rules fixed before the runs: a directional claim ("a beats b") holds when the 95% '
+        't-interval of the mean difference lies above 0 and is reversed when it lies below; an equivalence claim '
+        f'("no better", "no gain", "as accurate") holds when its 90% interval lies inside ±{verdicts.MARGIN:g} points '
+        '(two one-sided tests), and is "better" or "worse" when the 95% interval excludes 0; anything else is "not '
+        'shown". Holm\'s correction runs over every null hypothesis a verdict rejects (one per directional claim, two '
+        'per equivalence claim). "Detectable" is the smallest true difference the test finds with 80% power at the '
+        'spread observed.', '',
+        *_claim_rows(r['claims']), '',
+        *[f'- {c["claim"]}: {c["line"]}' for c in r['claims']], '',
+        *[f'- Seeds needed to detect {HEADLINE_DELTA:g} points at 80% power in "{c["claim"]}", at its spread: '
+          f'{c.get("seeds_for_2_points", "—")} (this grid: {c["n"]}).' for c in headline], '',
+        '## Convergence', '',
+        f'Rule, fixed before the runs: a kind of run is flat when its mean test curve gains less than '
+        f'{CONVERGED_GAIN:g} point over the last {CONVERGED_TAIL:.0%} of its epochs. (The cosine schedule flattens '
+        'every curve at its end; the lengths themselves were chosen by the probe, which doubles a length to see '
+        'whether it still gains.)', '', *_convergence_rows(r['convergence']), '',
+        '## Teachers', '',
+        '| teacher | model | epochs | runs | top-1 (%), test | val | paper |', '|---|---|---|---|---|---|---|',
+        *[f'| {t} | {v["model"]} | {v["epochs"]} | {v["test"]["n"]} | {fmt(v["test"])} | {fmt(v["val"])} | '
+          f'{PAPER_TEACHERS[t]} |' for t, v in teachers['teachers'].items()], '',
+        *[f'- {name}, paired by seed: {g["mean"]:+.1f} points'
+          + (f', 95% CI [{g["ci95"][0]:.1f}, {g["ci95"][1]:.1f}]' if g['ci95'] else '')
+          for name, g in teachers['gaps'].items()], '',
+        '## Accuracy of each variant and head (Table 5, Table 2)', '',
+        *_accuracy_rows(r['accuracy'], r['sizes']['test'], r['sizes']['val']), '',
         '## Class and distillation tokens (section 5.1)', '',
         'Cosine similarity of the class token and the distillation token (the second class token for the '
-        'control): of the learned parameters, and of their outputs after the last block (mean over the val '
-        'images); token_cosines.png shows every block.', '', *_token_rows(summary), '',
+        'control): of the learned parameters at initialisation and at the end, how far each token moved '
+        '(||end - init|| / ||init||), and of their outputs after the last block, before and after the final norm '
+        '(mean over the test images; the heads read the normed outputs). token_cosines.png shows every block.', '',
+        *_token_rows(r['tokens']), '',
         '## Disagreement between classifiers (Table 4)', '',
-        'Fraction of the val images on which two classifiers\' top-1 differ. Ours (mean ± std over seeds; the '
-        'student is the hard-distilled one of the convnet teacher):', '',
+        'Fraction of the test images on which two classifiers\' top-1 differ, mean ± std over seeds: the '
+        'hard-distilled student of the convnet teacher and the plain DeiT-Ti of seed k, with the convnet teacher of '
+        'seed k.', '',
         *_matrix_rows(t4['names'], [[f'{m:.3f} ± {s:.3f}' for m, s in zip(mr, sr)]
                                     for mr, sr in zip(t4['mean'], t4['std'])]), '',
         'The paper\'s (ImageNet val, DeiT-B, RegNetY-16GF teacher):', '',
         *_matrix_rows(t4['names'], [[f'{v:.3f}' for v in row] for row in t4['paper']]), '',
-        'Every student head against each teacher:', '', *_agreement_rows(summary), '',
-        '## The claims', '',
-        'Each claim is a paired comparison over seeds (same seed, a - b). Verdict: "holds" when the mean '
-        'difference has the claimed sign and exceeds two standard errors (for "no better" claims: when it does '
-        'not exceed them); "not shown" when it lies within; "reversed" when it exceeds them the other way.', '',
-        *_claim_rows(found), '',
+        '## Stability', '', *_stability_rows(r['table'], r['unstable']), '',
         '## Figures', '',
-        '- accuracy.png: top-1 per variant and head; training_curves.png: test top-1 and train loss per epoch; '
-        'token_cosines.png: cosine of the two tokens per block; disagreement.png: Table 4, ours and the paper\'s.',
-        '', '## Time', '', *_timing_rows(measured), '',
+        '- accuracy.png: top-1 per variant and head, every seed; training_curves.png: test top-1 of every run; '
+        'token_cosines.png: cosine of the two tokens per block, before and after the final norm; disagreement.png: '
+        'Table 4, ours and the paper\'s.', '',
+        '## Time', '', *_timing_rows(r['runs'], r.get('time_split')), '',
     ]
     return '\n'.join(lines)
 
+# ============ results.json, report.md and the figures ============
 
-def write(out: Path, made: Dict[str, Any], setting: Dict[str, Any], measured: Dict[str, Any],
-          agreement: Dict[str, Any]) -> None:
-    """results.json, the figures and report.md in ``out``."""
-    seeds = per_seed(measured, agreement)
-    summary = summarise(measured, seeds)
-    found = claims(seeds)
-    results = {'made': made, 'setting': setting, 'summary': summary, 'claims': found, 'per_seed': seeds,
-               'runs': {name: {k: v for k, v in r.items() if k not in ('predictions', 'log')}
-                        for name, r in measured['runs'].items()}}
-    (out / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
-    for name, plot in FIGURES.items():
-        plot(summary, out / name)
-    plot_curves(measured, out / 'training_curves.png')
-    (out / 'report.md').write_text(markdown(made, setting, summary, found, measured))
+
+def _raw(r: Dict[str, Any]) -> Dict[str, Any]:
+    """A run's record for results.json: its top-1 predictions as strings of digits, one per test image."""
+    return {**{k: v for k, v in r.items() if k != 'predictions'},
+            'predictions': {h: ''.join(map(str, p)) for h, p in r['predictions'].items()}}
+
+
+def _sizes(measured: Dict[str, Any], fraction: float) -> Dict[str, int]:
+    test = measured['tests'][fraction]
+    return {'train': next(r['train_images'] for r in measured['runs'] if r['fraction'] == fraction),
+            'test': len(test['labels']), 'val': int(sum(test['is_val'])),
+            'heldout': len(test['labels']) - int(sum(test['is_val'])), 'probe': measured['probe_images']}
+
+
+def grid_results(measured: Dict[str, Any], fraction: float) -> Dict[str, Any]:
+    """Every summary of one grid: claims judged, accuracies, teachers, tokens, Table 4, convergence, stability."""
+    runs = [r for r in measured['runs'] if r['fraction'] == fraction]
+    table = by_seed(runs)
+    labels = measured['tests'][fraction]['labels']
+    return {'sizes': _sizes(measured, fraction), 'table': table, 'runs': runs,
+            'claims': judge(grid_claims(table)), 'accuracy': accuracy_summary(table),
+            'teachers': teacher_summary(table, runs), 'tokens': token_summary(table), 'table4': table4(table, labels),
+            'convergence': convergence(table), 'unstable': unstable(table), 'time_split': measured.get('time_split')}
+
+
+def _json(made: Dict[str, Any], setting: Dict[str, Any], measured: Dict[str, Any], summary: Dict[str, Any]) -> str:
+    tests = {f'{f:g}': {'labels': ''.join(map(str, t['labels'])), 'is_val': ''.join('1' if v else '0' for v in
+                                                                                     t['is_val'])}
+             for f, t in measured['tests'].items()}
+    return json.dumps({'made': made, 'setting': setting, **summary, 'tests': tests,
+                       'runs': [_raw(r) for r in measured['runs']]}, indent=1) + '\n'
+
+
+def write(out: Path, made: Dict[str, Any], setting: Dict[str, Any], measured: Dict[str, Any], sweep: bool) -> None:
+    """results.json, the figures and report.md of the claims grid (or of the sweep) in ``out``."""
+    if sweep:
+        return write_sweep(out, made, setting, measured)
+    r = grid_results(measured, setting['fraction'])
+    setting = {**setting, 'description': describe(setting, r['sizes'], setting['chosen_by'])}
+    summary = {k: v for k, v in r.items() if k not in ('table', 'runs')}
+    (out / 'results.json').write_text(_json(made, setting, measured, summary))
+    reproduce_figures.accuracy(r['table'], r['teachers'], out / 'accuracy.png')
+    reproduce_figures.curves(r['table'], out / 'training_curves.png')
+    reproduce_figures.token_cosines(r['tokens'], out / 'token_cosines.png')
+    reproduce_figures.disagreement(r['table4'], out / 'disagreement.png')
+    (out / 'report.md').write_text(markdown(made, setting, r))
+
+
+def write_sweep(out: Path, made: Dict[str, Any], setting: Dict[str, Any], measured: Dict[str, Any]) -> None:
+    """The sweep: per training fraction its grid's accuracies and teachers, and the gains judged as one family."""
+    fractions = sorted(measured['tests'])
+    tables = {f: by_seed([r for r in measured['runs'] if r['fraction'] == f]) for f in fractions}
+    judged = judge(sweep_claims(tables))
+    per_fraction = {f'{f:g}': {'sizes': _sizes(measured, f), 'accuracy': accuracy_summary(tables[f]),
+                               'teachers': teacher_summary(tables[f], measured['runs']),
+                               'convergence': convergence(tables[f]),
+                               'unstable': unstable(tables[f])} for f in fractions}
+    sizes = per_fraction[f'{fractions[-1]:g}']['sizes']
+    setting = {**setting, 'description': describe({**setting, 'fraction': fractions[-1]}, sizes, setting['chosen_by'])}
+    (out / 'results.json').write_text(_json(made, setting, measured, {'claims': judged, 'fractions': per_fraction}))
+    reproduce_figures.sweep(judged, per_fraction, out / 'gain_vs_size.png')
+    (out / 'report.md').write_text(sweep_markdown(made, setting, judged, per_fraction, measured['runs']))
+
+
+def sweep_markdown(made: Dict[str, Any], setting: Dict[str, Any], judged: List[Dict[str, Any]],
+                   per_fraction: Dict[str, Dict[str, Any]], runs: List[Dict[str, Any]]) -> str:
+    """report.md of the sweep."""
+    lines = [
+        '# The paper\'s premise as a curve: the gain of hard distillation against the training-set size', '',
+        '## What made this report', '', *[f'- {key}: `{value}`' for key, value in made.items()], '',
+        '## Setting', '', *[f'- {line}' for line in setting['description']],
+        '- The sweep trains the plain DeiT-Ti, and the hard-distilled one from each teacher kind, at '
+        f'{", ".join(per_fraction)} of each digit\'s training scans, every run with the same number of optimizer '
+        'steps; the test images are the same at every size.', '',
+        'No paper shows this curve at this scale. The paper\'s premise (section 1): distillation from a convnet '
+        'helps a transformer most when data are scarce, since the teacher brings the inductive biases that the '
+        'data do not.', '',
+        '## The gains', '',
+        'Judged as one family (verdicts.py, Holm\'s correction over all of them), with the rules of the claims grid.',
+        '', *_claim_rows(judged), '', *[f'- {c["claim"]}: {c["line"]}' for c in judged], '',
+        '## Accuracy at each size', '']
+    for fraction, f in per_fraction.items():
+        lines += [f'### {f["sizes"]["train"]} training images ({fraction} of the scans)', '',
+                  *_accuracy_rows(f['accuracy'], f['sizes']['test'], f['sizes']['val']), '',
+                  *[f'- {name}, paired by seed: {g["mean"]:+.1f} points' for name, g in f['teachers']['gaps'].items()],
+                  '', *_convergence_rows(f['convergence']), '']
+        if f['unstable']:
+            lines += [f'- unstable: {u["variant"]} seed {u["seed"]} ended at {u["final"]:.1f} (median '
+                      f'{u["median"]:.1f})' for u in f['unstable']] + ['']
+    lines += ['## Figures', '', '- gain_vs_size.png: the gain of hard distillation over none (95% CI) against the '
+              'training images per class, for each teacher kind.', '', '## Time', '', *_timing_rows(runs, None), '']
+    return '\n'.join(lines)
+
+# ============ the probe ============
+
+
+def write_probe(out: Path, made: Dict[str, Any], probe: Dict[str, Any]) -> None:
+    """results.json and report.md of the probe runs: every run's curve on the probe split, and the lengths chosen."""
+    (out / 'results.json').write_text(json.dumps({'made': made, **probe}, indent=2) + '\n')
+    lines = ['# The probe: the lengths of reproduce.py\'s runs, chosen on the probe split', '',
+             '## What made this report', '', *[f'- {key}: `{value}`' for key, value in made.items()], '',
+             '## The rule', '',
+             f'Fixed in reproduce.py before any probe ran: {probe["rule"]}. Each probe run trains on the training '
+             'pool (half of each digit\'s training scans, the images of the claims grid) with the recipe of the '
+             'grid, and is scored on the probe split (reproduce_data.py), which no grid run trains or tests on.', '',
+             '## Runs', '', '| run | model | epochs | seed | probe top-1 (%) at the end |', '|---|---|---|---|---|',
+             *[f'| {r["name"]} | {r["model"]} | {r["epochs"]} | {r["seed"]} | {r["final"]:.1f} |'
+               for r in probe['runs']], '', '## Choices', '']
+    for kind, choice in probe['choices'].items():
+        means = ', '.join(f'{e} epochs: {m:.1f}' for e, m in choice['means'].items())
+        lines.append(f'- {kind} ({probe["models"][kind]}): mean probe top-1 {means} -> **{choice["epochs"]} epochs**'
+                     + ('' if choice['converged'] else ' (convergence not shown: the longest length probed)'))
+    if probe['convnet_teacher']:
+        lines += ['', f'The convnet teacher, {probe["teacher_rule"]}: **{probe["convnet_teacher"]}**.']
+    (out / 'report.md').write_text('\n'.join(lines) + '\n')

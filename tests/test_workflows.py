@@ -30,6 +30,7 @@ import checkpoints
 import engine
 import main
 import stopping
+import utils
 
 # Dropout, drop path and augmentation off: batch composition alone decides the gradients.
 FAST = ['--model', 'test_vit', '--input-size', '32', '--data-set', 'FOLDER', '--num_workers', '0', '--device', 'cpu',
@@ -464,3 +465,42 @@ def test_a_distilled_model_without_teacher_trains_on_two_processes_with_its_idle
         assert torch.equal(trained['model'][key], value) == key.startswith('head_dist.'), key
     (log,) = read_log(tmp_path / 'out')
     assert log['n_parameters'] == sum(v.numel() for k, v in init.items() if not k.startswith('head_dist.'))
+
+
+def test_eval_every_evaluates_every_nth_epoch_and_the_last_and_trains_the_same(image_folder, tmp_path):
+    """--eval-every 2 over 3 epochs evaluates after epochs 1 and 2 (the last) only; training is untouched: the final
+    weights equal those of the run that evaluated every epoch, bit for bit."""
+    flags = ['--batch-size', '40', '--epochs', '3', '--warmup-epochs', '0']
+    every, second = tmp_path / 'every', tmp_path / 'second'
+    run(image_folder, *flags, '--output_dir', str(every))
+    printed = run(image_folder, *flags, '--eval-every', '2', '--output_dir', str(second))
+    assert [('test_acc1' in line) for line in read_log(second)] == [False, True, True]
+    assert [line['epoch'] for line in read_log(second)] == [0, 1, 2]
+    assert printed.count('Max accuracy') == 2 and (second / 'best_checkpoint.pth').exists()
+    assert_same_state(load(every / 'checkpoint.pth'), load(second / 'checkpoint.pth'))
+    with pytest.raises(ValueError, match='--sched plateau lowers the lr on the accuracy of every epoch'):
+        main.check_args(main.get_args_parser().parse_args(['--sched', 'plateau', '--eval-every', '2']))
+
+
+def test_checkpoint_every_writes_every_nth_epoch_and_the_last_and_a_stop_still_saves(image_folder, tmp_path,
+                                                                                      monkeypatch):
+    """--checkpoint-every 2 over 3 epochs writes checkpoint.pth after epochs 1 and 2 (the last) and log.txt every
+    epoch; a stop between epochs 0 and 1 still saves epoch 0, from which the same command goes on."""
+    flags = ['--batch-size', '40', '--epochs', '3', '--warmup-epochs', '0', '--checkpoint-every', '2']
+    written, save = [], utils.save_on_master
+
+    def recording_save(obj, path):
+        if path.endswith(f'{os.sep}checkpoint.pth'):
+            written.append(obj['epoch'])
+        save(obj, path)
+
+    monkeypatch.setattr(utils, 'save_on_master', recording_save)
+    run(image_folder, *flags, '--output_dir', str(tmp_path / 'every2'))
+    assert written == [1, 2] and len(read_log(tmp_path / 'every2')) == 3
+    written.clear()
+    monkeypatch.setattr(stopping.StopRequest, 'agreed', lambda self: True)
+    with pytest.raises(SystemExit) as stopped:
+        run(image_folder, *flags, '--output_dir', str(tmp_path / 'stopped'))
+    assert stopped.value.code == main.EXIT_STOPPED and written == [0]
+    with pytest.raises(ValueError, match='use --checkpoint-every 1 with it'):
+        main.check_args(main.get_args_parser().parse_args(['--checkpoint-every', '2', '--log_dir', str(tmp_path)]))
