@@ -102,7 +102,7 @@ class Setting:
     lr: float = 5e-4               # the paper's per-step lr (its value for a 512 batch), not scaled down by 8
     warmup_epochs: int = 5         # main.py's default
     student_epochs: int = 400      # the probe 'student' (a plain DeiT-Ti); the transformer teachers train as long
-    convnet_epochs: int = 200      # the probe 'convnet'
+    convnet_epochs: int = 400      # the probe 'convnet'
     fraction: float = 0.5          # share of each digit's training scans (the claims grid; --sweep varies it)
     eval_every: int = 10           # main.py --eval-every: the points of the training curves
     quick: bool = False            # a quarter of the test images (--quick)
