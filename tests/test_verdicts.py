@@ -219,7 +219,7 @@ def test_detectable_difference_has_80_percent_power(n, sd):
 def test_power_at_no_difference_is_the_size_of_the_test():
     """Both tails count: with no true difference the two-sided test rejects 5% of the time, whatever n and sd."""
     for n, sd in ((2, 1.0), (5, 3.0), (30, 0.1)):
-        assert t_power(0.0, sd, n) == pytest.approx(0.05, abs=1e-12)
+        assert t_power(0.0, sd, n) == pytest.approx(0.05, abs=1e-9)  # scipy < 1.15 is off by 1e-12
 
 
 def test_detectable_difference_against_the_table_and_a_simulation():
