@@ -111,10 +111,12 @@ class Setting:
 SETTINGS = {'default': Setting(),
             'quick': Setting(student_epochs=1, convnet_epochs=1, warmup_epochs=1, fraction=0.125, eval_every=2,
                              quick=True)}
-# What fits the 3-hour budget of an idle 2-core machine at the probe's lengths: a seed of the grid (a convnet
-# teacher and 5 students of 400 epochs) takes about 50 minutes, and 3 seeds give 3 teachers of each kind. A seed
-# of --sweep adds about 65 minutes in the grid's folder (its 1/2 runs are the grid's). Whether that detects 2
-# points is for report.md to say: it gives the seeds each headline claim needs at its observed spread.
+# What fits the 3-hour budget of an idle 2-core machine at the probe's lengths (measured: results/reproduce_default,
+# Time): a seed of the grid (a convnet teacher and 5 students of 400 epochs) takes 90 minutes of CPU, 45 on 2
+# cores, and 3 seeds give 3 teachers of each kind. A seed of --sweep is 4 runs at each of 3 fractions, 60 minutes
+# of CPU per fraction (30 on 2 cores): 2 seeds take 3 hours alone, 2 in the grid's folder (its 1/2 runs are the
+# grid's). Whether that detects 2 points is for report.md to say: it gives the seeds each headline claim needs at
+# its observed spread.
 DEFAULT_SEEDS = {'grid': 3, 'sweep': 2, 'probe': PROBE_SEEDS}
 
 
