@@ -95,10 +95,10 @@ def extended(image_folder, tmp_path_factory):
               '--resume', str(extended / 'checkpoint.pth')]
     save_epoch = checkpoints.save_epoch
 
-    def killed_at_epoch_1(output_dir, log_stats, checkpoint, is_best):
+    def killed_at_epoch_1(output_dir, log_stats, checkpoint, is_best, latest=True):
         if log_stats['epoch'] == 1:
             raise Killed
-        save_epoch(output_dir, log_stats, checkpoint, is_best)
+        save_epoch(output_dir, log_stats, checkpoint, is_best, latest)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(checkpoints, 'save_epoch', killed_at_epoch_1)
@@ -172,10 +172,10 @@ def resumed_at_steps_10_11_20(image_folder, tmp_path_factory):
     assert (stopped['epoch'], stopped['resume_step']) == (0, 1)
     save_epoch = checkpoints.save_epoch
 
-    def killed_at_epoch_2(output_dir, log_stats, checkpoint, is_best):
+    def killed_at_epoch_2(output_dir, log_stats, checkpoint, is_best, latest=True):
         if log_stats['epoch'] == 2:
             raise Killed
-        save_epoch(output_dir, log_stats, checkpoint, is_best)
+        save_epoch(output_dir, log_stats, checkpoint, is_best, latest)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(checkpoints, 'save_epoch', killed_at_epoch_2)
