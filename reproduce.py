@@ -367,9 +367,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='folder of the runs, report.md, results.json and the figures (default: reproduce_out, '
                              'reproduce_probe with --probe)')
     parser.add_argument('--quick', action='store_true',
-                        help='one seed, two epochs per run, 1/8 of the training images and a quarter of the test '
-                             'images: checks the whole pipeline in about a minute; its figures mean nothing '
-                             '(default: off)')
+                        help='one seed, 1/8 of the training images, a dozen optimizer steps per run (two epochs with '
+                             '--probe) and a quarter of the test images: checks the whole pipeline in about a minute; '
+                             'its figures mean nothing (default: off)')
     parser.add_argument('--seeds', type=int, default=None,
                         help=f'student seeds (default: {DEFAULT_SEEDS["grid"]} for the grid, {DEFAULT_SEEDS["sweep"]} '
                              f'for --sweep, {PROBE_SEEDS} for --probe, 1 with --quick)')
@@ -487,6 +487,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         except (ValueError, RuntimeError) as e:
             parser.exit(EXIT_FAILED, f'{parser.prog}: {e}\n')
         (job.out / 'time_split.json').write_text(json.dumps(split, indent=2) + '\n')
+    reports = job.out / 'sweep' if job.kind == 'sweep' else job.out
     if job.kind == 'probe':
         reproduce_report.write_probe(job.out, made, probe_results(job))
     else:
@@ -495,10 +496,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         measured = {**measure(job, torch.device(args.device)),
                     'probe_images': len(reproduce_data.split_indices(reproduce_data.POOL_END)['probe']),
                     'time_split': json.loads(split.read_text()) if split.exists() else None}
-        reports = job.out / 'sweep' if job.kind == 'sweep' else job.out
         reports.mkdir(exist_ok=True)
         reproduce_report.write(reports, made, setting, measured, sweep=job.kind == 'sweep')
-    reports = job.out / 'sweep' if job.kind == 'sweep' else job.out
     print(f'wrote {reports / "report.md"}, {reports / "results.json"} and the figures in {reports}')
 
 
